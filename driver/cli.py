@@ -1,0 +1,259 @@
+"""The `qpi-driver` command: run the daemon (flags map one to one onto Settings),
+submit a circuit, show a node's status, check a configuration, or run the
+embedded orchestrator alone."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from driver import __version__, logs
+from driver.settings import EX_CONFIG, ConfigError, Settings, load_settings
+
+_NOT_FLAGS = {"access_token", "executor_options"}  # secrets never go on a command line
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    for name, info in Settings.model_fields.items():
+        if name in _NOT_FLAGS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action="store_const", const=True,
+                                help=info.description)
+        else:
+            parser.add_argument(flag, dest=name, metavar=name.upper(), help=info.description)
+    parser.add_argument("--executor-option", dest="executor_option", action="append",
+                        default=[], metavar="KEY=VALUE",
+                        help="executor option (repeatable); VALUE is JSON or a plain string")
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    flags = {n: getattr(args, n, None) for n in Settings.model_fields if n not in _NOT_FLAGS}
+    if args.executor_option:
+        options: dict[str, Any] = {}
+        for item in args.executor_option:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"invalid setting 'executor_options' (from flag "
+                                  f"--executor-option): expected KEY=VALUE, got {item!r}")
+            try:
+                options[key] = json.loads(raw)
+            except ValueError:
+                options[key] = raw
+        flags["executor_options"] = options
+    return load_settings(flags, args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qpi-driver", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"qpi-driver {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    _add_setting_flags(parser)
+    run = sub.add_parser("run", help="run the daemon (the default)")
+    _add_setting_flags(run)
+
+    submit = sub.add_parser("submit", help="submit an OpenQASM file and print its counts")
+    submit.add_argument("file", type=Path)
+    submit.add_argument("--shots", type=int, default=1024)
+    submit.add_argument("--url", default="http://127.0.0.1:8090")
+    submit.add_argument("--timeout", type=float, default=120.0)
+    submit.add_argument("--memory", action="store_true", help="also print per-shot memory")
+
+    status = sub.add_parser("status", help="show the driver nodes an orchestrator knows")
+    status.add_argument("--url", default="http://127.0.0.1:8090")
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a file plus the environment")
+    check.add_argument("file", type=Path, nargs="?")
+
+    orch = sub.add_parser("orchestrator", help="run the embedded orchestrator alone")
+    orch.add_argument("--host", default="127.0.0.1")
+    orch.add_argument("--port", type=int, default=8090)
+    orch.add_argument("--name", default="local")
+    orch.add_argument("--wire-format", choices=["msgpack", "json"], default="msgpack")
+    orch.add_argument("--token", help="access token to accept (default: a random one)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command or "run"
+    if command == "submit":
+        return _submit(args)
+    if command == "status":
+        return _status(args)
+    if command == "orchestrator":
+        logs.configure()
+        return asyncio.run(_orchestrator_alone(args))
+    try:
+        if command == "config":
+            settings = load_settings({}, args.file)
+            print(json.dumps(settings.masked(), indent=2))
+            warning = settings.token_file_warning()
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
+            return 0
+        settings = _settings_from(args)
+    except ConfigError as exc:
+        print(f"qpi-driver: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    logs.configure(settings.log_format, settings.log_level)
+    if settings.access_token is not None:
+        logs.register_secret(settings.access_token.get_secret_value())
+    warning = settings.token_file_warning()
+    if warning:
+        logs.get("qpi.driver").warning(warning)
+    try:
+        return asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def serve(settings: Settings) -> int:
+    """Run the daemon; in local mode, with the embedded orchestrator beside it."""
+    from driver.orchestrator import LocalOrchestrator
+    from driver.service import Driver
+
+    orchestrator = None
+    if settings.local_mode:
+        orchestrator = LocalOrchestrator(
+            host=settings.local_host,
+            port=settings.local_port,
+            driver_name=settings.driver_name if "driver_name" in settings.model_fields_set
+            else settings.executor,
+            wire_format=settings.wire_format,
+        )
+        try:
+            await orchestrator.start()
+        except OSError as exc:
+            print(f"qpi-driver: cannot start the embedded orchestrator on "
+                  f"{settings.local_host}:{settings.local_port}: {exc.strerror}; pick another "
+                  "port with --local-port", file=sys.stderr)
+            return EX_CONFIG
+        settings = settings.model_copy(update={
+            "orchestrator_url": orchestrator.url,
+            "access_token": SecretStr(orchestrator.token),
+            "ca_fingerprint": orchestrator.ca_fingerprint,
+        })
+        logs.register_secret(orchestrator.token)
+        print(
+            f"qpi-driver {__version__}: embedded orchestrator (development stand-in) on "
+            f"{orchestrator.url}, QPU {orchestrator.driver_name!r}, executor "
+            f"{settings.executor!r}\n"
+            f"  submit:  qpi-driver submit examples/bell.qasm --shots 1024 --url "
+            f"{orchestrator.url}\n"
+            f"  qiskit:  QPIClient({orchestrator.url!r}).get_backend({orchestrator.driver_name!r})",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        return await Driver(settings).run()
+    finally:
+        if orchestrator is not None:
+            await orchestrator.stop()
+
+
+async def _orchestrator_alone(args: argparse.Namespace) -> int:
+    from driver.orchestrator import LocalOrchestrator
+
+    orchestrator = LocalOrchestrator(host=args.host, port=args.port, driver_name=args.name,
+                                     wire_format=args.wire_format, token=args.token)
+    await orchestrator.start()
+    print(json.dumps({"QPI_ADDR": orchestrator.url, "QPI_ACCESS_TOKEN": orchestrator.token,
+                      "QPI_CA_FINGERPRINT": orchestrator.ca_fingerprint}), flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await orchestrator.stop()
+    return 0
+
+
+def _http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _submit(args: argparse.Namespace) -> int:
+    try:
+        source = args.file.read_text()
+    except OSError as exc:
+        print(f"qpi-driver submit: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return 66  # EX_NOINPUT
+    base = args.url.rstrip("/")
+    try:
+        job = _http("POST", f"{base}/api/jobs", {
+            "circuits": [{"circuit": source}], "shots": args.shots, "memory": args.memory,
+        })
+        job_id = job.get("id") or job.get("job_id")
+        deadline = time.monotonic() + args.timeout
+        while job.get("status") not in ("completed", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                print(f"qpi-driver submit: job {job_id} not finished after {args.timeout}s",
+                      file=sys.stderr)
+                return 75  # EX_TEMPFAIL
+            time.sleep(0.05)
+            job = _http("GET", f"{base}/api/jobs/{job_id}")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"qpi-driver submit: cannot reach {base} ({exc}); is the daemon running?",
+              file=sys.stderr)
+        return 69
+    results = job.get("results") or {}
+    if job["status"] != "completed":
+        print(f"job {job_id} {job['status']}: [{results.get('error_code')}] "
+              f"{results.get('error')}", file=sys.stderr)
+        return 1
+    print(f"job {job_id} completed on {results.get('backend')} in "
+          f"{results.get('execution_time_seconds', 0):.4f} s")
+    for i, exp in enumerate(results.get("circuit_results", [])):
+        print(histogram(exp["counts"], exp["shots"], title=f"circuit {i}: {exp['shots']} shots"))
+        if args.memory and exp.get("memory"):
+            print("memory:", " ".join(exp["memory"][:32]), "..." if len(exp["memory"]) > 32 else "")
+    return 0
+
+
+def histogram(counts: dict[str, int], shots: int, title: str = "", width: int = 40,
+              top: int = 16) -> str:
+    lines = [title] if title else []
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    peak = max(counts.values(), default=1)
+    for key, n in ranked[:top]:
+        bar = "#" * max(1, round(width * n / peak))
+        lines.append(f"  {key}  {n:>8}  {100 * n / max(shots, 1):5.1f}%  {bar}")
+    if len(ranked) > top:
+        lines.append(f"  ... {len(ranked) - top} more outcomes")
+    return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        qpus = _http("GET", args.url.rstrip("/") + "/api/qpus")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"qpi-driver status: cannot reach {args.url} ({exc})", file=sys.stderr)
+        return 69
+    for qpu in qpus:
+        print(f"{qpu.get('name')}: {qpu.get('status')} executor={qpu.get('executor_type')} "
+              f"qubits={qpu.get('num_qubits')}")
+        beat = qpu.get("last_heartbeat")
+        if beat:
+            for key in ("status", "queue_depth", "running_job", "uptime_s", "version"):
+                print(f"  {key}: {beat.get(key)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""The embedded loopback orchestrator: a development stand-in for a QPI server,
+not a production one. In memory, one driver, FIFO. It speaks the driver side of
+protocol §1–6 and the job endpoints of QPI's client API that `qpi-client` uses."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import pynng
+from aiohttp import web
+
+from driver import logs
+from driver.nng import AsyncSocket, SocketClosed, bound_port, tls_server, url
+from driver.tls import ServerIdentity, generate_identity
+from driver.wire import WIRE_FORMATS, Envelope, EventType, FrameError, WireFormat, decode, encode
+from driver.wire import now_iso
+
+log = logs.get("qpi.orchestrator")
+
+FINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass(slots=True)
+class JobRecord:
+    id: str
+    payload: dict[str, Any]
+    status: str = "pending"  # pending -> queued -> running -> completed|failed|cancelled
+    results: dict[str, Any] | None = None
+    created: str = field(default_factory=now_iso)
+    updated: str = field(default_factory=now_iso)
+    dispatches: int = 0
+    results_received: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "payload": self.payload,
+            "results": self.results,
+            "created": self.created,
+            "updated": self.updated,
+        }
+
+
+class LocalOrchestrator:
+    """Start with `await start()`; `url`, `token` and `ca_fingerprint` say how to connect."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8090,
+        driver_name: str = "local",
+        wire_format: WireFormat = "msgpack",
+        token: str | None = None,
+        acks: bool = False,
+        heartbeat_interval_s: float | None = None,
+        tls: bool = True,
+    ) -> None:
+        self.host, self.port = host, port
+        self.driver_name = driver_name
+        self.wire_format = wire_format
+        self.token = token or secrets.token_urlsafe(24)
+        self.acks = acks
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.identity: ServerIdentity | None = generate_identity(host) if tls else None
+        self.jobs: dict[str, JobRecord] = {}
+        self.events: list[Envelope] = []  # every event received from the driver, for tests
+        self.last_heartbeat: dict[str, Any] | None = None
+        self.capabilities: dict[str, Any] = {}
+        self.executor_type = ""
+        self.enabled = True
+        self.connects = 0
+        self._negotiated: WireFormat = "json"
+        self._pending: deque[str] = deque()
+        self._work = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._push: AsyncSocket | None = None
+        self._pull: AsyncSocket | None = None
+        self._pipes = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self.nng_in_port = self.nng_out_port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ca_fingerprint(self) -> str | None:
+        return self.identity.ca_fingerprint if self.identity else None
+
+    @property
+    def online(self) -> bool:
+        return self._pipes >= 2
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.start_nng()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.add_routes(
+            [
+                web.post("/api/op/drivers/connect", self._connect),
+                web.post("/api/op/qpus/connect", self._connect_legacy),
+                web.get("/api/pub/root-ca.pem", self._root_ca),
+                web.post("/api/jobs", self._create_job),
+                web.get("/api/jobs", self._list_jobs),
+                web.get("/api/jobs/{id}", self._get_job),
+                web.post("/api/jobs/{id}/cancel", self._cancel_job),
+                web.get("/api/qpus", self._list_qpus),
+                web.get("/api/qpus/{name}", self._get_qpu),
+            ]
+        )
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        if self.port == 0:
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def start_nng(self) -> None:
+        """Listen on fresh ports (a restarted orchestrator gets new ones)."""
+        tls = self.identity is not None
+        kwargs: dict[str, Any] = {}
+        if self.identity is not None:
+            kwargs["tls_config"] = tls_server(self.identity.cert_pem, self.identity.key_pem)
+        push, pull = pynng.Push0(**kwargs), pynng.Pull0(**kwargs)
+        self._push, self._pull = AsyncSocket(push), AsyncSocket(pull)
+        self._pipes = 0
+        for sock in (self._push, self._pull):
+            sock.on_pipes(self._attached, self._detached)
+        self.nng_in_port = bound_port(push.listen(url(self.host, 0, tls)))
+        self.nng_out_port = bound_port(pull.listen(url(self.host, 0, tls)))
+        self._tasks = [
+            asyncio.create_task(self._receive(self._pull), name="orch-receive"),
+            asyncio.create_task(self._dispatch(self._push), name="orch-dispatch"),
+        ]
+
+    async def stop_nng(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for sock in (self._push, self._pull):
+            if sock is not None:
+                sock.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks, self._pipes = [], 0
+
+    async def stop(self) -> None:
+        await self.stop_nng()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _attached(self, _pipe: pynng.Pipe) -> None:
+        self._pipes += 1
+        if self.online:
+            log.info("driver online", name=self.driver_name)
+
+    def _detached(self, _pipe: pynng.Pipe) -> None:
+        self._pipes = max(0, self._pipes - 1)
+        log.info("driver offline", name=self.driver_name)
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def submit(self, job: dict[str, Any]) -> JobRecord:
+        job_id = f"job-{next(self._ids):06d}-{secrets.token_hex(3)}"
+        record = JobRecord(id=job_id, payload=job)
+        self.jobs[job_id] = record
+        self._pending.append(job_id)
+        self._work.set()
+        return record
+
+    async def result(self, job_id: str, timeout: float = 60.0) -> JobRecord:
+        record = self.jobs[job_id]
+        await asyncio.wait_for(record.done.wait(), timeout)
+        return record
+
+    async def send_event(self, type_: str, payload: dict[str, Any]) -> None:
+        """Push any event to the driver (tests use it for cancel, state, garbage)."""
+        assert self._push is not None
+        env = Envelope(type_, payload, driver=self.driver_name)
+        await self._push.send(encode(env, self._negotiated))
+
+    async def send_raw(self, frame: bytes) -> None:
+        assert self._push is not None
+        await self._push.send(frame)
+
+    async def _dispatch(self, push: AsyncSocket) -> None:
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            while self._pending:
+                job_id = self._pending.popleft()
+                record = self.jobs.get(job_id)
+                if record is None or record.status in FINAL:
+                    continue
+                env = Envelope(
+                    EventType.JOB_DISPATCH,
+                    {"job_id": job_id, "payload": record.payload},
+                    driver=self.driver_name,
+                )
+                try:
+                    await push.send(encode(env, self._negotiated))
+                except SocketClosed:
+                    self._pending.appendleft(job_id)
+                    return
+                record.dispatches += 1
+                if record.status == "pending":
+                    record.status = "queued"
+
+    async def _receive(self, pull: AsyncSocket) -> None:
+        while True:
+            try:
+                frame = await pull.recv()
+            except SocketClosed:
+                return
+            try:
+                env = decode(frame)
+            except FrameError as exc:
+                log.warning("malformed frame from driver", reason=str(exc))
+                continue
+            self.events.append(env)
+            if len(self.events) > 100_000:
+                del self.events[:50_000]
+            await self._on_event(env)
+
+    async def _on_event(self, env: Envelope) -> None:
+        payload = env.payload
+        if env.type == EventType.JOB_RESULT:
+            record = self.jobs.get(str(payload.get("job_id")))
+            if record is None:
+                return
+            record.results_received += 1
+            if record.status not in FINAL:
+                results = payload.get("results") or {}
+                record.results = results
+                if "error" in results:
+                    cancelled = results.get("error_code") == "JOB_CANCELLED"
+                    record.status = "cancelled" if cancelled else "failed"
+                else:
+                    record.status = "completed"
+                record.updated = now_iso()
+                record.done.set()
+            if self.acks:
+                await self.send_event(EventType.RESULT_ACK, {"job_id": record.id})
+        elif env.type == EventType.JOB_STATUS:
+            record = self.jobs.get(str(payload.get("job_id")))
+            if record is not None and record.status not in FINAL:
+                record.status = str(payload.get("state") or record.status)
+                record.updated = now_iso()
+        elif env.type == EventType.HEARTBEAT:
+            self.last_heartbeat = {**payload, "received": now_iso()}
+
+    # -- HTTP: driver side --------------------------------------------------------------
+
+    async def _connect(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        return self._connect_reply(body.get("token"), body)
+
+    async def _connect_legacy(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        return self._connect_reply(body.get("access_token"), {
+            "executor": body.get("executor_type"),
+            "capabilities": body.get("device_config") or {},
+            "wire_formats": ["json"],
+        })
+
+    def _connect_reply(self, token: Any, body: dict[str, Any]) -> web.Response:
+        if not isinstance(token, str) or not secrets.compare_digest(token, self.token):
+            return web.json_response({"status": "error", "message": "invalid token"}, status=401)
+        if not self.enabled:
+            return web.json_response({"status": "error", "message": "driver disabled"},
+                                     status=403)
+        offered = body.get("wire_formats") or ["json"]
+        self._negotiated = self.wire_format if self.wire_format in offered else "json"
+        if self._negotiated not in WIRE_FORMATS:
+            self._negotiated = "json"
+        self.capabilities = body.get("capabilities") or {}
+        self.executor_type = str(body.get("executor") or "")
+        self.connects += 1
+        # At-least-once: anything dispatched but unanswered goes out again.
+        for record in self.jobs.values():
+            if record.status in ("queued", "running") and record.id not in self._pending:
+                self._pending.append(record.id)
+        self._work.set()
+        reply: dict[str, Any] = {
+            "status": "success",
+            "name": self.driver_name,
+            "nng_host": self.host,
+            "nng_in_port": self.nng_in_port,
+            "nng_out_port": self.nng_out_port,
+            "tls_hash": self.ca_fingerprint or "",
+            "auth_token": self.token,
+            "wire_format": self._negotiated,
+            "acks": self.acks,
+        }
+        if self.heartbeat_interval_s:
+            reply["heartbeat_interval_s"] = self.heartbeat_interval_s
+        return web.json_response(reply)
+
+    async def _root_ca(self, _request: web.Request) -> web.Response:
+        if self.identity is None:
+            return web.Response(status=404, text="this orchestrator runs without TLS")
+        return web.Response(text=self.identity.ca_pem, content_type="application/x-pem-file")
+
+    # -- HTTP: client API ---------------------------------------------------------------
+
+    async def _create_job(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        if not body.get("circuits") and not (body.get("qasm") or body.get("circuit")):
+            return web.json_response({"message": "a job needs 'circuits'"}, status=400)
+        record = self.submit(body)
+        return web.json_response(record.public(), status=200)
+
+    async def _list_jobs(self, _request: web.Request) -> web.Response:
+        return web.json_response([r.public() for r in self.jobs.values()])
+
+    async def _get_job(self, request: web.Request) -> web.Response:
+        record = self.jobs.get(request.match_info["id"])
+        if record is None:
+            return web.json_response({"message": "no such job"}, status=404)
+        return web.json_response(record.public())
+
+    async def _cancel_job(self, request: web.Request) -> web.Response:
+        record = self.jobs.get(request.match_info["id"])
+        if record is None:
+            return web.json_response({"message": "no such job"}, status=404)
+        if record.status == "pending":
+            record.status = "cancelled"
+            record.updated = now_iso()
+            record.done.set()
+        elif record.status not in FINAL and self._push is not None:
+            await self.send_event(EventType.JOB_CANCEL, {"job_id": record.id})
+        return web.json_response(record.public())
+
+    def qpu(self) -> dict[str, Any]:
+        return {
+            "name": self.driver_name,
+            "status": "online" if self.online else "offline",
+            "enabled": self.enabled,
+            "executor_type": self.executor_type,
+            "num_qubits": self.capabilities.get("max_qubits"),
+            "capabilities": self.capabilities,
+            "last_heartbeat": self.last_heartbeat,
+        }
+
+    async def _list_qpus(self, _request: web.Request) -> web.Response:
+        return web.json_response([self.qpu()])
+
+    async def _get_qpu(self, request: web.Request) -> web.Response:
+        if request.match_info["name"] != self.driver_name:
+            return web.json_response({"message": "no such QPU"}, status=404)
+        return web.json_response(self.qpu())
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="body is not JSON") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="body must be a JSON object")
+    return body
+
+

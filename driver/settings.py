@@ -1,0 +1,265 @@
+"""Every setting of the daemon in one pydantic-settings object, built once at
+start. Precedence: flags > env `QPI_*` (and the legacy QPI names) > TOML > defaults."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+EX_CONFIG = 78  # sysexits.h: configuration error; systemd units do not restart on it
+
+_config_file: ContextVar[Path | None] = ContextVar("qpi_config_file", default=None)
+
+# Names QPI deployments already use that differ from `QPI_<FIELD>`.
+LEGACY_ENV = {"QPI_ADDR": "orchestrator_url"}
+CREDENTIAL_NAME = "qpi-access-token"
+
+
+def _default_data_dir() -> Path:
+    state = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
+    if state:
+        return Path(state.split(":")[0])
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "qpi-driver"
+
+
+class Settings(BaseSettings):
+    """The daemon's configuration. Field `x` is flag `--x`, env `QPI_X`, TOML key `x`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QPI_",
+        extra="forbid",
+        validate_default=True,
+        env_nested_delimiter=None,
+    )
+
+    # Orchestrator and identity
+    orchestrator_url: str | None = Field(
+        None, description="orchestrator base URL (env QPI_ADDR); unset = embedded local one"
+    )
+    access_token: SecretStr | None = Field(None, description="access token from the orchestrator")
+    access_token_file: Path | None = Field(
+        None, description="file holding the token (systemd LoadCredential=)"
+    )
+    ca_fingerprint: str | None = Field(None, description="SHA-256 of the orchestrator root CA")
+    driver_name: str = Field(default_factory=socket.gethostname, description="this node's name")
+    insecure_tcp: bool = Field(False, description="plain tcp:// NNG, development only")
+    wire_format: Literal["msgpack", "json"] = Field("msgpack", description="preferred codec")
+    connect_timeout_s: float = Field(10.0, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0, description="cap of the reconnect backoff")
+    disabled_retry_s: float = Field(60.0, gt=0, description="retry period while disabled (403)")
+
+    # Executor
+    executor: str = Field("aer", description="executor name: aer, gpu or an installed plugin")
+    executor_options: dict[str, Any] = Field(default_factory=dict)
+
+    # Limits
+    max_qubits: int | None = Field(None, gt=0, description="default: what the executor reports")
+    max_shots: int = Field(1_000_000, gt=0, description="per circuit")
+    max_circuits: int = Field(1_000, gt=0, description="experiments per job")
+    max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_queued_jobs: int = Field(1_000, gt=0)
+    job_timeout_s: float = Field(3600.0, gt=0)
+    batch_max_jobs: int = Field(64, gt=0, description="queued jobs run together in one call")
+
+    # Operations
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    log_format: Literal["console", "json", "logfmt"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics_addr: str | None = Field("127.0.0.1:9464", description="host:port; empty = off")
+    heartbeat_interval: float = Field(10.0, gt=0, description="seconds between heartbeats")
+
+    # Embedded orchestrator (local mode)
+    local_host: str = "127.0.0.1"
+    local_port: int = Field(8090, ge=0, le=65535)
+
+    @field_validator("ca_fingerprint")
+    @classmethod
+    def _fingerprint(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        cleaned = value.replace(":", "").strip().lower()
+        if len(cleaned) != 64 or any(c not in "0123456789abcdef" for c in cleaned):
+            raise ValueError("must be a SHA-256 fingerprint: 64 hex digits, ':' separators allowed")
+        return cleaned
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"must be host:port, got {value!r}")
+        return value
+
+    @field_validator("orchestrator_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _token_from_file(self) -> Settings:
+        if self.access_token is None:
+            path = self.access_token_file
+            creds = os.environ.get("CREDENTIALS_DIRECTORY")
+            if path is None and creds and (Path(creds) / CREDENTIAL_NAME).is_file():
+                path = Path(creds) / CREDENTIAL_NAME
+            if path is not None:
+                try:
+                    token = path.read_text().strip()
+                except OSError as exc:
+                    raise ValueError(
+                        f"access_token_file {str(path)!r} cannot be read: {exc.strerror}"
+                    ) from None
+                if not token:
+                    raise ValueError(f"access_token_file {str(path)!r} is empty")
+                self.access_token = SecretStr(token)
+        if self.orchestrator_url is not None:
+            if self.access_token is None:
+                raise ValueError(
+                    "access_token is required with an orchestrator_url; set QPI_ACCESS_TOKEN "
+                    "or access_token_file"
+                )
+            if self.ca_fingerprint is None and not self.insecure_tcp:
+                raise ValueError(
+                    "ca_fingerprint is required to pin the orchestrator's root CA; set "
+                    "QPI_CA_FINGERPRINT (or insecure_tcp=true for development only)"
+                )
+        return self
+
+    @property
+    def local_mode(self) -> bool:
+        return self.orchestrator_url is None
+
+    def token_file_warning(self) -> str | None:
+        """A warning when the token file can be read by other users."""
+        path = self.access_token_file
+        if path is None or not path.exists():
+            return None
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            return f"access_token_file {path} is readable by other users; chmod 600 it"
+        return None
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings for display, secrets masked."""
+        data = self.model_dump(mode="json")
+        if data.get("access_token"):
+            data["access_token"] = "********"
+        return data
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return tuple(_sources(settings_cls, init_settings, _config_file.get()).values())
+
+
+class LegacyEnvSource(PydanticBaseSettingsSource):
+    """The variable names QPI deployments already use (QPI_ADDR)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {
+            field: os.environ[name] for name, field in LEGACY_ENV.items() if os.environ.get(name)
+        }
+
+
+def _sources(
+    settings_cls: type[BaseSettings],
+    init_settings: PydanticBaseSettingsSource,
+    config_file: Path | None,
+) -> dict[str, PydanticBaseSettingsSource]:
+    """Sources by the description a person reads in an error, highest first."""
+    sources: dict[str, PydanticBaseSettingsSource] = {
+        "flag": init_settings,
+        "environment": EnvSettingsSource(settings_cls, case_sensitive=False, env_prefix="QPI_"),
+        "legacy environment": LegacyEnvSource(settings_cls),
+    }
+    if config_file is not None:
+        sources[f"config file {config_file}"] = TomlConfigSettingsSource(
+            settings_cls, toml_file=config_file
+        )
+    return sources
+
+
+class ConfigError(Exception):
+    """An invalid setting: one message naming the key and where it came from."""
+
+    exit_code = EX_CONFIG
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, config_file: Path | None = None) -> Settings:
+    """Build the settings from flags, environment and an optional TOML file."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+    token = _config_file.set(config_file)
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, flags, config_file)) from None
+    except (OSError, ValueError) as exc:  # TOML syntax errors surface as ValueError
+        raise ConfigError(f"cannot read configuration: {exc}") from None
+    finally:
+        _config_file.reset(token)
+
+
+def _explain(exc: ValidationError, flags: Mapping[str, Any], config_file: Path | None) -> str:
+    lines = []
+    for err in exc.errors():
+        if not err["loc"]:
+            lines.append("invalid settings: " + err["msg"].removeprefix("Value error, "))
+            continue
+        key = str(err["loc"][0])
+        origin = _origin(key, flags, config_file)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        lines.append(f"invalid setting {key!r} (from {origin}): {msg}")
+    return "; ".join(lines)
+
+
+def _origin(key: str, flags: Mapping[str, Any], config_file: Path | None) -> str:
+    if key in flags:
+        return f"flag --{key.replace('_', '-')}"
+    env_name = f"QPI_{key.upper()}"
+    if any(k.upper() == env_name for k in os.environ):
+        return f"environment variable {env_name}"
+    for legacy, field in LEGACY_ENV.items():
+        if field == key and os.environ.get(legacy):
+            return f"environment variable {legacy}"
+    if config_file is not None:
+        try:
+            data = TomlConfigSettingsSource(Settings, toml_file=config_file)()
+        except Exception:
+            data = {}
+        if key in data:
+            return f"config file {config_file}"
+    return "defaults and other settings together"

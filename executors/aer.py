@@ -1,0 +1,147 @@
+"""The `aer` executor: Qiskit Aer on the CPU, one simulator reused across jobs,
+small queued jobs run together in one Aer call."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from executors.base import (
+    Capabilities,
+    ErrorCode,
+    Executor,
+    Experiment,
+    ExperimentResult,
+    Job,
+    JobError,
+    JobResult,
+    circuit_header,
+)
+
+if TYPE_CHECKING:
+    from qiskit.circuit import QuantumCircuit
+
+# Instructions Aer runs without help but leaves out of its target.
+_ALWAYS_RUNNABLE = frozenset({"barrier", "measure", "reset", "delay"})
+
+
+class AerExecutor(Executor):
+    """Options: `method` (Aer simulation method, default "automatic"), `seed`
+    (fixes the sampler for reproducible counts), `precision` ("double"/"single"),
+    `max_qubits`, `max_shots`, `max_parallel_threads`."""
+
+    name = "aer"
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        from qiskit_aer import AerSimulator
+
+        opts = self.options
+        sim_options: dict[str, Any] = {
+            "method": str(opts.get("method", "automatic")),
+            "precision": str(opts.get("precision", "double")),
+        }
+        if opts.get("seed") is not None:
+            sim_options["seed_simulator"] = int(opts["seed"])
+        if opts.get("max_parallel_threads") is not None:
+            sim_options["max_parallel_threads"] = int(opts["max_parallel_threads"])
+        self._sim = AerSimulator(**sim_options)
+        self._runnable = frozenset(self._sim.target.operation_names) | _ALWAYS_RUNNABLE
+        self._max_qubits = int(opts.get("max_qubits", self._sim.configuration().n_qubits))
+        self._max_shots = int(opts.get("max_shots", 1_000_000))
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            max_qubits=self._max_qubits,
+            max_shots=self._max_shots,
+            basis_gates=tuple(sorted(self._runnable)),
+            precision=str(self._sim.options.precision),
+            device="cpu",
+            extra={"method": str(self._sim.options.method), "meas_levels": [2]},
+        )
+
+    def run(self, job: Job) -> JobResult:
+        return self._run_jobs([job])[0]
+
+    def run_many(self, jobs: Sequence[Job]) -> list[JobResult | JobError]:
+        try:
+            return list(self._run_jobs(jobs))
+        except JobError:
+            if len(jobs) == 1:
+                raise
+        # One bad job spoils a shared Aer call: run them apart so only it fails.
+        return super().run_many(jobs)
+
+    def _run_jobs(self, jobs: Sequence[Job]) -> list[JobResult]:
+        for job in jobs:
+            if job.meas_level != 2:
+                raise JobError(
+                    ErrorCode.JOB_FAILED,
+                    f"executor 'aer' returns classified bits only (meas_level 2); job asked "
+                    f"for meas_level {job.meas_level}, which needs a hardware executor",
+                )
+        # Aer takes one shot count per call: group every experiment of every job by it.
+        groups: dict[tuple[int, bool], list[tuple[int, int, Experiment]]] = defaultdict(list)
+        for j, job in enumerate(jobs):
+            for e, exp in enumerate(job.experiments):
+                want_memory = exp.memory and job.meas_return == "single"
+                groups[(exp.shots, want_memory)].append((j, e, exp))
+        slots: list[list[ExperimentResult | None]] = [[None] * len(j.experiments) for j in jobs]
+        started = time.perf_counter()
+        for (shots, memory), members in groups.items():
+            circuits = [self._runnable_form(exp.circuit) for _, _, exp in members]
+            results = self._execute(circuits, shots, memory)
+            for (j, e, exp), data in zip(members, results, strict=True):
+                slots[j][e] = _experiment_result(exp.circuit, shots, memory, data)
+        elapsed = time.perf_counter() - started
+        return [
+            JobResult(
+                experiments=[r for r in row if r is not None],
+                execution_time_s=elapsed,
+                extra={"method": str(self._sim.options.method)},
+            )
+            for row in slots
+        ]
+
+    def _runnable_form(self, circuit: QuantumCircuit) -> QuantumCircuit:
+        # transpile() costs 100-200 ms; Aer runs standard gates as they are.
+        if all(name in self._runnable for name in circuit.count_ops()):
+            return circuit
+        from qiskit import transpile
+
+        return transpile(circuit, self._sim, optimization_level=0)
+
+    def _execute(self, circuits: list[QuantumCircuit], shots: int, memory: bool) -> list[Any]:
+        try:
+            result = self._sim.run(circuits, shots=shots, memory=memory).result()
+        except Exception as exc:  # Aer raises AerError, ValueError, RuntimeError, ...
+            raise JobError(ErrorCode.JOB_FAILED, f"Aer could not run the job: {exc}") from exc
+        out = []
+        for exp in result.results:
+            if not exp.success:
+                raise JobError(ErrorCode.JOB_FAILED, f"Aer failed an experiment: {exp.status}")
+            out.append(exp)
+        return out
+
+
+def _experiment_result(
+    circuit: QuantumCircuit, shots: int, memory: bool, data: Any
+) -> ExperimentResult:
+    width = circuit.num_clbits
+    raw = data.data
+    counts_hex: dict[str, int] = getattr(raw, "counts", None) or {}
+    counts = {_bits(key, width): int(n) for key, n in counts_hex.items()}
+    mem = [_bits(key, width) for key in raw.memory] if memory and hasattr(raw, "memory") else None
+    return ExperimentResult(
+        counts=counts,
+        shots=shots,
+        header=circuit_header(circuit),
+        memory=mem,
+        time_taken=float(getattr(data, "time_taken", 0.0) or 0.0),
+    )
+
+
+def _bits(hex_key: str, width: int) -> str:
+    return format(int(hex_key, 16), f"0{width}b") if width else ""

@@ -1,0 +1,173 @@
+"""The executor contract: the job and result types that cross from the daemon
+to an executor, and the small base class every executor implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from qiskit.circuit import QuantumCircuit
+
+
+class ErrorCode:
+    """Error codes of protocol §5, as executors and the daemon report them."""
+
+    CIRCUIT_INVALID = "CIRCUIT_INVALID"
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
+    JOB_TIMEOUT = "JOB_TIMEOUT"
+    JOB_CANCELLED = "JOB_CANCELLED"
+    EXECUTOR_CRASHED = "EXECUTOR_CRASHED"
+    JOB_FAILED = "JOB_FAILED"
+    QPU_DISABLED = "QPU_DISABLED"
+
+
+class JobError(Exception):
+    """A job failed in a way a person can act on; becomes an error result."""
+
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+    def to_result(self) -> dict[str, Any]:
+        return {"error": self.message, "error_code": self.code, **self.details}
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    """One circuit with its parameters bound: the unit an executor runs.
+
+    `circuit` is the parsed, bound Qiskit circuit; `source` the OpenQASM text it
+    came from (for executors that compile from text themselves).
+    """
+
+    circuit: QuantumCircuit
+    shots: int
+    memory: bool = False
+    source: str = ""
+    parameter_values: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A validated job: every circuit parsed, every binding its own experiment."""
+
+    job_id: str
+    experiments: tuple[Experiment, ...]
+    meas_level: int = 2
+    meas_return: str = "single"
+
+
+@dataclass(slots=True)
+class ExperimentResult:
+    """Counts (and optional per-shot memory) of one experiment.
+
+    Bitstrings are Qiskit's memory format: one character per classical bit,
+    highest bit on the left, `memory_slots` wide, no spaces.
+    """
+
+    counts: dict[str, int]
+    shots: int
+    header: dict[str, Any]
+    memory: list[str] | None = None
+    time_taken: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"counts": self.counts, "shots": self.shots, "header": self.header}
+        if self.memory is not None:
+            out["memory"] = self.memory
+        if self.time_taken is not None:
+            out["time_taken"] = self.time_taken
+        out.update(self.extra)
+        return out
+
+
+@dataclass(slots=True)
+class JobResult:
+    """A finished job: one result per experiment, in order."""
+
+    experiments: list[ExperimentResult]
+    execution_time_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What an executor can run; reported in heartbeats and used for admission."""
+
+    max_qubits: int
+    max_shots: int
+    basis_gates: tuple[str, ...] = ()
+    precision: str = "double"
+    device: str = "cpu"
+    memory_bytes: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "max_qubits": self.max_qubits,
+            "max_shots": self.max_shots,
+            "basis_gates": list(self.basis_gates),
+            "precision": self.precision,
+            "device": self.device,
+            "memory": self.memory_bytes,
+            **self.extra,
+        }
+
+
+def circuit_header(circuit: QuantumCircuit) -> dict[str, Any]:
+    """The Qiskit result header a `Result` reader needs to split bitstrings."""
+    return {
+        "name": circuit.name,
+        "creg_sizes": [[creg.name, creg.size] for creg in circuit.cregs],
+        "memory_slots": circuit.num_clbits,
+        "num_qubits": circuit.num_qubits,
+        "n_qubits": circuit.num_qubits,
+        "clbit_labels": [[creg.name, i] for creg in circuit.cregs for i in range(creg.size)],
+        "qubit_labels": [[qreg.name, i] for qreg in circuit.qregs for i in range(qreg.size)],
+        "metadata": dict(circuit.metadata or {}),
+    }
+
+
+class Executor(abc.ABC):
+    """Runs validated jobs. `run(job) -> JobResult` is the whole contract.
+
+    Executors are constructed once per daemon (or worker process) with their
+    options and reused across jobs; they raise `JobError` for failures a person
+    can act on. `run` is called from a worker thread, never concurrently.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self.options: dict[str, Any] = dict(options or {})
+
+    @abc.abstractmethod
+    def run(self, job: Job) -> JobResult:
+        """Run every experiment of `job`, in order."""
+
+    def run_many(self, jobs: Sequence[Job]) -> list[JobResult | JobError]:
+        """Run several queued jobs; executors that can batch override this."""
+        out: list[JobResult | JobError] = []
+        for job in jobs:
+            try:
+                out.append(self.run(job))
+            except JobError as exc:
+                out.append(exc)
+        return out
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """Limits and properties of this executor and the device behind it."""
+
+    def calibration(self) -> dict[str, Any] | None:
+        """Latest calibration snapshot (with a `timestamp`), if the device has one."""
+        return None
+
+    def close(self) -> None:
+        """Release devices and connections; called once at shutdown."""
