@@ -65,7 +65,9 @@ def read_spec(job: Any) -> JobSpec:
         try:
             job = json.loads(job)
         except ValueError as exc:
-            raise JobError(ErrorCode.CIRCUIT_INVALID, f"job payload is not valid JSON: {exc}")
+            raise JobError(
+                ErrorCode.CIRCUIT_INVALID, f"job payload is not valid JSON: {exc}"
+            ) from None
     if not isinstance(job, dict):
         raise JobError(
             ErrorCode.CIRCUIT_INVALID, f"job payload must be a map, got {type(job).__name__}"
@@ -115,7 +117,9 @@ def prepare(job_id: str, spec: JobSpec, limits: Limits) -> Job:
                 requested_shots=shots,
                 max_shots=limits.max_shots,
             )
-        rows: list[list[float] | None] = list(entry.parameter_values or [None])
+        rows: list[list[float] | None] = [None]
+        if entry.parameter_values:
+            rows = [*entry.parameter_values]
         if len(experiments) + len(rows) > limits.max_circuits:
             raise JobError(
                 ErrorCode.QUOTA_EXCEEDED,

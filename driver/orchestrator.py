@@ -1,13 +1,12 @@
 """The embedded loopback orchestrator: a development stand-in for a QPI server,
 not a production one. In memory, one driver, FIFO. It speaks the driver side of
-protocol §1–6 and the job endpoints of QPI's client API that `qpi-client` uses."""
+protocol §1-6 and the job endpoints of QPI's client API that `qpi-client` uses."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import secrets
-
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +17,16 @@ from aiohttp import web
 from driver import logs
 from driver.nng import AsyncSocket, SocketClosed, bound_port, tls_server, url
 from driver.tls import ServerIdentity, generate_identity
-from driver.wire import WIRE_FORMATS, Envelope, EventType, FrameError, WireFormat, decode, encode
-from driver.wire import now_iso
+from driver.wire import (
+    WIRE_FORMATS,
+    Envelope,
+    EventType,
+    FrameError,
+    WireFormat,
+    decode,
+    encode,
+    now_iso,
+)
 
 log = logs.get("qpi.orchestrator")
 

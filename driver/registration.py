@@ -1,4 +1,4 @@
-"""Registration over HTTP (protocol §1–2): download and pin the root CA, connect
+"""Registration over HTTP (protocol §1-2): download and pin the root CA, connect
 with the access token (legacy route on 404), classify failures for the retry policy."""
 
 from __future__ import annotations
@@ -132,7 +132,9 @@ class Registrar:
             try:
                 data = await resp.json(content_type=None)
             except ValueError:
-                raise ProtocolMismatch(f"{path} answered 200 with a body that is not JSON")
+                raise ProtocolMismatch(
+                    f"{path} answered 200 with a body that is not JSON"
+                ) from None
             if not isinstance(data, dict):
                 raise ProtocolMismatch(f"{path} answered 200 with a {type(data).__name__}")
             return 200, data

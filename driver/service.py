@@ -19,8 +19,8 @@ from driver import __version__, logs
 from driver.jobs import JobSpec, Limits, prepare, read_spec, result_map
 from driver.nng import AsyncSocket, SocketClosed, tls_client, url
 from driver.registration import (
-    BadToken,
     Backoff,
+    BadToken,
     DriverDisabled,
     OrchestratorDown,
     ProtocolMismatch,

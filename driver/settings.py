@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     def _host_port(cls, value: str | None) -> str | None:
         if not value:
             return None
-        host, sep, port = value.rpartition(":")
+        _, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"must be host:port, got {value!r}")
         return value
@@ -215,7 +215,9 @@ class ConfigError(Exception):
     exit_code = EX_CONFIG
 
 
-def load_settings(flags: Mapping[str, Any] | None = None, config_file: Path | None = None) -> Settings:
+def load_settings(
+    flags: Mapping[str, Any] | None = None, config_file: Path | None = None
+) -> Settings:
     """Build the settings from flags, environment and an optional TOML file."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     if config_file is not None and not config_file.is_file():

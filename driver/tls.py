@@ -19,7 +19,9 @@ def fingerprint_of_pem(pem: str) -> str:
     try:
         der = ssl.PEM_cert_to_DER_cert(pem)
     except (ValueError, TypeError) as exc:
-        raise FingerprintMismatch(f"the orchestrator's root CA is not a PEM certificate: {exc}")
+        raise FingerprintMismatch(
+            f"the orchestrator's root CA is not a PEM certificate: {exc}"
+        ) from None
     return hashlib.sha256(der).hexdigest()
 
 

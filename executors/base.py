@@ -169,5 +169,5 @@ class Executor(abc.ABC):
         """Latest calibration snapshot (with a `timestamp`), if the device has one."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most executors hold nothing to release
         """Release devices and connections; called once at shutdown."""

@@ -110,10 +110,13 @@ def bind(circuit: QuantumCircuit, values: Sequence[float] | None) -> QuantumCirc
                 f"the circuit has unbound parameters ({names}); send parameter_values"
             )
         return circuit
+    if not len(params):
+        # qpi-client binds parameters itself and still sends the values it used.
+        return circuit
     if len(values) != len(params):
-        names = ", ".join(p.name for p in params) or "none"
+        names = ", ".join(p.name for p in params)
         raise CircuitError(
             f"parameter_values row has {len(values)} values but the circuit has "
             f"{len(params)} parameters ({names})"
         )
-    return circuit.assign_parameters(list(values)) if len(params) else circuit
+    return circuit.assign_parameters(list(values))
