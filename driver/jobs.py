@@ -33,6 +33,7 @@ class JobSpec(BaseModel):
     meas_return: Literal["single", "avg"] = "single"
     qpu_target: str = ""
     memory: bool = False
+    timeout_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -57,9 +58,10 @@ class Limits:
     max_qubits: int
     max_shots: int
     max_circuits: int
+    max_circuit_bytes: int = 1024 * 1024
 
 
-def read_spec(job: Any) -> JobSpec:
+def read_spec(job: Any, limits: Limits) -> JobSpec:
     """Validate the dispatched job map (or JSON text of one); JobError if invalid."""
     if isinstance(job, str | bytes):
         try:
@@ -73,13 +75,29 @@ def read_spec(job: Any) -> JobSpec:
             ErrorCode.CIRCUIT_INVALID, f"job payload must be a map, got {type(job).__name__}"
         )
     try:
-        return JobSpec.model_validate(job)
+        spec = JobSpec.model_validate(job)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'job'}: {err['msg']}"
             for err in exc.errors()[:5]
         )
         raise JobError(ErrorCode.CIRCUIT_INVALID, f"invalid job: {problems}") from None
+    if len(spec.circuits) > limits.max_circuits:
+        raise JobError(
+            ErrorCode.QUOTA_EXCEEDED,
+            f"job has {len(spec.circuits)} circuits; this node allows {limits.max_circuits}",
+            max_circuits=limits.max_circuits,
+        )
+    for index, entry in enumerate(spec.circuits):
+        if len(entry.circuit) > limits.max_circuit_bytes:
+            raise JobError(
+                ErrorCode.QUOTA_EXCEEDED,
+                f"circuit {index} is {len(entry.circuit)} bytes of OpenQASM; this node allows "
+                f"{limits.max_circuit_bytes}",
+                circuit_index=index,
+                max_circuit_bytes=limits.max_circuit_bytes,
+            )
+    return spec
 
 
 def prepare(job_id: str, spec: JobSpec, limits: Limits) -> Job:

@@ -8,15 +8,13 @@ import os
 import signal
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import pynng
 
-import executors
 from driver import __version__, logs
-from driver.jobs import JobSpec, Limits, prepare, read_spec, result_map
+from driver.jobs import JobSpec, Limits, read_spec
 from driver.nng import AsyncSocket, SocketClosed, tls_client, url
 from driver.registration import (
     Backoff,
@@ -29,9 +27,11 @@ from driver.registration import (
     sleep_or_exit,
 )
 from driver.settings import EX_CONFIG, Settings
+from driver.store import ResultStore
 from driver.tls import FingerprintMismatch
 from driver.wire import Envelope, EventType, FrameError, decode, encode
-from executors.base import ErrorCode, Executor, JobError
+from driver.worker import Worker, WorkerDied, WorkerStartFailed, WorkItem
+from executors.base import ErrorCode, JobError
 
 EX_UNAVAILABLE = 69  # sysexits.h: the chosen executor cannot run here
 EX_NOPERM = 77  # sysexits.h: the orchestrator failed the CA pin
@@ -44,6 +44,7 @@ class QueuedJob:
     job_id: str
     spec: JobSpec
     received: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
 
 
 class Link:
@@ -85,23 +86,26 @@ class Link:
 
 
 class Driver:
+    """One daemon: `run()` is startup, main_loop (register, dial, serve), shutdown."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.should_exit = asyncio.Event()
-        self.executor: Executor | None = None
+        self.worker = Worker(settings.executor, settings.executor_options, __version__)
+        self.store: ResultStore | None = None
         self.limits = Limits(1, 1, 1)
         self.capabilities: dict[str, Any] = {}
         self.disabled = False
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor")
+        self.started = time.monotonic()
         self._queue: deque[QueuedJob] = deque()
         self._work = asyncio.Event()
-        self._active: dict[str, str] = {}  # job_id -> "queued" | "running"
-        self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._queued: dict[str, QueuedJob] = {}
+        self._running: dict[str, QueuedJob] = {}
         self._outbox: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._transient: deque[Envelope] = deque(maxlen=256)
         self._flush = asyncio.Event()
         self._link: Link | None = None
-        self._session: Session | None = None
+        self._acks = False
         self._runner: asyncio.Task[None] | None = None
         self._signals = 0
 
@@ -110,6 +114,7 @@ class Driver:
     async def run(self) -> int:
         code = await self.startup()
         if code:
+            await self.shutdown()
             return code
         try:
             return await self.main_loop()
@@ -120,23 +125,30 @@ class Driver:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_exit, sig)
-        name = self.settings.executor
+        loop.add_signal_handler(signal.SIGHUP, self.handle_reload)
+        s = self.settings
+        self.store = ResultStore(s.data_dir / "results.sqlite3", s.result_retention_s,
+                                 s.result_max_rows)
+        interrupted = self.store.recover_interrupted()
+        if interrupted:
+            log.warning("jobs interrupted by the last stop are answered as failed",
+                        jobs=len(interrupted))
         try:
-            self.executor = await loop.run_in_executor(
-                self._pool, executors.create, name, self.settings.executor_options
-            )
-        except executors.ExecutorUnavailable as exc:
-            log.error("executor unavailable", executor=name, reason=str(exc))
-            return EX_UNAVAILABLE
-        caps = self.executor.capabilities()
+            await self.worker.start()
+        except WorkerStartFailed as exc:
+            log.error("executor unavailable", executor=s.executor, reason=exc.reason)
+            return EX_UNAVAILABLE if exc.unavailable else 1
+        caps = self.worker.capabilities
         self.capabilities = caps.to_wire()
         self.limits = Limits(
-            max_qubits=min(self.settings.max_qubits or caps.max_qubits, caps.max_qubits),
-            max_shots=min(self.settings.max_shots, caps.max_shots),
-            max_circuits=self.settings.max_circuits,
+            max_qubits=min(s.max_qubits or caps.max_qubits, caps.max_qubits),
+            max_shots=min(s.max_shots, caps.max_shots),
+            max_circuits=s.max_circuits,
+            max_circuit_bytes=s.max_circuit_bytes,
         )
-        log.info("executor ready", executor=name, max_qubits=self.limits.max_qubits,
-                 device=caps.device, precision=caps.precision)
+        log.info("executor ready", executor=s.executor, pid=self.worker.pid,
+                 max_qubits=self.limits.max_qubits, device=caps.device,
+                 precision=caps.precision)
         self._runner = asyncio.create_task(self._run_jobs(), name="job-runner")
         return 0
 
@@ -169,29 +181,50 @@ class Driver:
         return 0
 
     async def shutdown(self) -> None:
-        log.info("draining", running=[j for j, s in self._active.items() if s == "running"])
         if self._runner is not None:
             self._runner.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        if self.executor is not None:
-            self.executor.close()
-        log.info("stopped", results_undelivered=len(self._outbox))
+            await asyncio.gather(self._runner, return_exceptions=True)
+        await self.worker.stop()
+        owed = len(self.store.undelivered(self._acks)) if self.store is not None else 0
+        if self.store is not None:
+            self.store.close()
+        log.info("stopped", results_owed=owed, queued_not_run=len(self._queue))
 
     def handle_exit(self, sig: int) -> None:
         self._signals += 1
         if self._signals > 1:
             log.warning("second signal: exiting at once", signal=signal.Signals(sig).name)
+            self.worker.kill()
             os._exit(1)
-        log.info("stop requested", signal=signal.Signals(sig).name)
+        log.info("stop requested: draining", signal=signal.Signals(sig).name,
+                 running=list(self._running))
         self.should_exit.set()
+        self._work.set()
+
+    def handle_reload(self) -> None:
+        """SIGHUP: re-read the log settings and the executor's calibration."""
+        from driver.settings import ConfigError, load_settings
+
+        try:
+            fresh = load_settings({"log_format": self.settings.log_format})
+            logs.configure(fresh.log_format, fresh.log_level)
+        except ConfigError as exc:
+            log.error("reload failed; keeping the running configuration", reason=str(exc))
+            return
+        log.info("reloaded", log_level=fresh.log_level)
 
     # -- one connected session --------------------------------------------------------
 
     async def _serve(self, link: Link) -> None:
         session = link.session
-        self._link, self._session = link, session
+        self._link, self._acks = link, session.acks
+        assert self.store is not None
+        # Everything owed from before (this run or an earlier one) goes out first.
+        for job_id, results in self.store.undelivered(session.acks):
+            self._outbox.setdefault(job_id, results)
         log.info("connected", name=session.name, host=session.nng_host,
-                 wire_format=session.wire_format, tls=session.ca_pem is not None)
+                 wire_format=session.wire_format, tls=session.ca_pem is not None,
+                 results_owed=len(self._outbox))
         tasks = [
             asyncio.create_task(self._receive(link), name="receive"),
             asyncio.create_task(self._send(link), name="send"),
@@ -210,35 +243,42 @@ class Driver:
             link.close()
             await asyncio.gather(*tasks, return_exceptions=True)
         if not self.should_exit.is_set():
-            log.warning("disconnected from orchestrator; registering again")
+            log.warning("disconnected from orchestrator; registering again",
+                        results_owed=len(self._outbox))
 
     async def _drain(self, link: Link) -> None:
-        """Let the running batch finish and hand its results over, within the timeout."""
-        deadline = time.monotonic() + self.settings.job_timeout_s
-        while any(s == "running" for s in self._active.values()) and time.monotonic() < deadline:
+        """Let the running batch finish within the drain timeout and hand its results over."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        if self._running:
+            log.warning("drain timeout: stopping the running job", jobs=list(self._running))
+            self.worker.kill()
+            while self._running and time.monotonic() < deadline + 5:
+                await asyncio.sleep(0.02)
         self._flush.set()
-        for _ in range(50):
-            if not self._outbox or link.detached.is_set():
-                break
+        deadline = time.monotonic() + 5
+        while self._outbox and not link.detached.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     async def _receive(self, link: Link) -> None:
         assert link.pull is not None
-        while True:
+        while not self.should_exit.is_set():
             try:
                 frame = await link.pull.recv()
             except SocketClosed:
                 return
-            self._on_frame(frame)
+            if not self.should_exit.is_set():
+                self._on_frame(frame)
 
     async def _send(self, link: Link) -> None:
-        assert link.push is not None
+        assert link.push is not None and self.store is not None
         fmt = link.session.wire_format
         name = link.session.name
         while True:
             await self._flush.wait()
             self._flush.clear()
+            sent: list[str] = []
             try:
                 while self._transient:
                     env = self._transient.popleft()
@@ -251,9 +291,14 @@ class Driver:
                     env = Envelope(EventType.JOB_RESULT, {"job_id": job_id, "results": results},
                                    driver=name)
                     await link.push.send(encode(env, fmt))
+                    # With acks a result stays owed (on disk) until its ResultAck arrives.
                     self._outbox.pop(job_id, None)
+                    sent.append(job_id)
             except SocketClosed:
                 return
+            finally:
+                if sent and not self._acks:
+                    self.store.mark_delivered(sent)
 
     # -- inbound events ---------------------------------------------------------------
 
@@ -263,113 +308,157 @@ class Driver:
         except FrameError as exc:
             log.warning("malformed frame dropped", reason=str(exc), size=len(frame))
             return
-        if env.type == EventType.JOB_DISPATCH:
-            self._on_dispatch(env.payload)
-        elif env.type == EventType.JOB_CANCEL:
-            self._on_cancel(env.payload)
-        elif env.type == EventType.QPU_STATE:
-            state = env.payload.get("state")
-            self.disabled = state == "disabled"
-            log.info("qpu state", state=state)
-        elif env.type == EventType.RESULT_ACK:
-            pass  # results leave the outbox once sent; acks matter to the durable store
-        else:
-            log.info("unknown event type dropped", type=env.type, id=env.id)
+        try:
+            if env.type == EventType.JOB_DISPATCH:
+                self._on_dispatch(env.payload)
+            elif env.type == EventType.JOB_CANCEL:
+                self._on_cancel(env.payload)
+            elif env.type == EventType.QPU_STATE:
+                state = env.payload.get("state")
+                self.disabled = state == "disabled"
+                log.info("qpu state", state=str(state)[:40])
+            elif env.type == EventType.RESULT_ACK:
+                job_id = env.payload.get("job_id")
+                if isinstance(job_id, str) and self.store is not None:
+                    self.store.mark_acked(job_id)
+            else:
+                log.info("unknown event type dropped", type=env.type[:80], id=env.id[:80])
+        except Exception:  # a bug in one handler must not stop the receive loop
+            log.exception("event handler failed", type=env.type[:80])
 
     def _on_dispatch(self, payload: dict[str, Any]) -> None:
         job_id = payload.get("job_id")
         if not isinstance(job_id, str) or not job_id or len(job_id) > 256:
             log.warning("JobDispatch without a usable job_id dropped", job_id=repr(job_id)[:80])
             return
-        if job_id in self._active:
-            log.info("duplicate dispatch absorbed", job_id=job_id, state=self._active[job_id])
+        if job_id in self._queued or job_id in self._running:
+            log.info("duplicate dispatch absorbed", job_id=job_id)
             return
-        if job_id in self._finished:
-            log.info("duplicate dispatch answered from stored result", job_id=job_id)
-            self._answer(job_id, self._finished[job_id])
+        assert self.store is not None
+        known = self.store.state(job_id)
+        if known is not None:
+            _, results = known
+            if results is not None:
+                log.info("duplicate dispatch answered from the store", job_id=job_id)
+                self._outbox[job_id] = results
+                self._flush.set()
             return
         try:
             if self.disabled:
-                raise JobError(ErrorCode.QPU_DISABLED, "this QPU is disabled by the orchestrator")
+                raise JobError(ErrorCode.QPU_DISABLED, "this QPU is disabled by the orchestrator; "
+                               "the job was not run")
             if len(self._queue) >= self.settings.max_queued_jobs:
                 raise JobError(
                     ErrorCode.QUOTA_EXCEEDED,
                     f"the driver's queue is full ({self.settings.max_queued_jobs} jobs); "
                     "retry later",
+                    queue_depth=len(self._queue),
                 )
-            spec = read_spec(payload.get("payload"))
+            spec = read_spec(payload.get("payload"), self.limits)
         except JobError as exc:
-            self._finish(job_id, exc.to_result())
+            self._finish([(job_id, exc.to_result())])
             return
-        self._active[job_id] = "queued"
-        self._queue.append(QueuedJob(job_id, spec))
+        item = QueuedJob(job_id, spec)
+        self._queued[job_id] = item
+        self._queue.append(item)
         self._work.set()
 
     def _on_cancel(self, payload: dict[str, Any]) -> None:
         job_id = payload.get("job_id")
-        for item in self._queue:
-            if item.job_id == job_id:
-                self._queue.remove(item)
-                self._finish(job_id, JobError(ErrorCode.JOB_CANCELLED, "cancelled while queued")
-                             .to_result())
-                return
+        if not isinstance(job_id, str):
+            return
+        queued = self._queued.pop(job_id, None)
+        if queued is not None:
+            self._queue.remove(queued)
+            self._finish([(job_id, JobError(ErrorCode.JOB_CANCELLED,
+                                            "cancelled while queued").to_result())])
+        elif job_id in self._running:
+            self._running[job_id].cancelled = True
+            log.info("cancelling the running job: stopping the executor", job_id=job_id)
+            self.worker.kill()
 
     # -- running jobs -----------------------------------------------------------------
 
+    def _next_batch(self) -> list[QueuedJob]:
+        batch = [self._queue.popleft()]
+        # Jobs that ask for their own timeout run alone, so the timeout is theirs.
+        while (self._queue and len(batch) < self.settings.batch_max_jobs
+               and batch[0].spec.timeout_s is None and self._queue[0].spec.timeout_s is None):
+            batch.append(self._queue.popleft())
+        for item in batch:
+            self._queued.pop(item.job_id, None)
+            self._running[item.job_id] = item
+        return batch
+
     async def _run_jobs(self) -> None:
-        loop = asyncio.get_running_loop()
+        assert self.store is not None
         while True:
             await self._work.wait()
-            if not self._queue:
+            if not self._queue or self.should_exit.is_set():
                 self._work.clear()
+                if self.should_exit.is_set():
+                    return
                 continue
-            batch = [self._queue.popleft()
-                     for _ in range(min(len(self._queue), self.settings.batch_max_jobs))]
+            batch = self._next_batch()
+            self.store.mark_running(item.job_id for item in batch)
             for item in batch:
-                self._active[item.job_id] = "running"
                 self._status(item.job_id, "running")
-            outcomes = await loop.run_in_executor(self._pool, self._execute, batch)
-            for item, results in zip(batch, outcomes, strict=True):
-                self._finish(item.job_id, results)
-                ok = "error" not in results
-                log.info("job finished", job_id=item.job_id, ok=ok,
-                         error_code=results.get("error_code"),
+            outcomes = await self._execute(batch)
+            self._finish([(item.job_id, res) for item, res in zip(batch, outcomes, strict=True)])
+            for item, res in zip(batch, outcomes, strict=True):
+                self._running.pop(item.job_id, None)
+                log.info("job finished", job_id=item.job_id, ok="error" not in res,
+                         error_code=res.get("error_code"),
                          seconds=round(time.monotonic() - item.received, 4))
 
-    def _execute(self, batch: list[QueuedJob]) -> list[dict[str, Any]]:
-        """Worker thread: prepare every job, run the valid ones together."""
-        assert self.executor is not None
-        outcomes: list[dict[str, Any] | None] = [None] * len(batch)
-        ready = []
-        for i, item in enumerate(batch):
+    async def _execute(self, batch: list[QueuedJob]) -> list[dict[str, Any]]:
+        own = batch[0].spec.timeout_s
+        timeout = min(own, self.settings.job_timeout_s) if own else self.settings.job_timeout_s
+        items = [WorkItem(item.job_id, item.spec) for item in batch]
+        try:
+            return await asyncio.wait_for(self.worker.run(items, self.limits), timeout)
+        except TimeoutError:
+            log.error("job timed out: restarting the executor", jobs=[i.job_id for i in batch],
+                      timeout_s=timeout)
+            failure = JobError(ErrorCode.JOB_TIMEOUT,
+                               f"the job ran past its timeout of {timeout:g} s and was stopped")
+            await self._restart_worker()
+            return [failure.to_result()] * len(batch)
+        except WorkerDied as exc:
+            await self._restart_worker()
+            outcomes = []
+            for item in batch:
+                if item.cancelled:
+                    outcomes.append(JobError(ErrorCode.JOB_CANCELLED,
+                                             "cancelled while running").to_result())
+                else:
+                    log.error("executor crashed", job_id=item.job_id, reason=exc.reason)
+                    outcomes.append(JobError(
+                        ErrorCode.EXECUTOR_CRASHED,
+                        f"{exc.reason} while running this job"
+                        + (f" (one of {len(batch)} run together)" if len(batch) > 1 else "")
+                        + "; a fresh executor has started, resubmit to retry",
+                    ).to_result())
+            return outcomes
+
+    async def _restart_worker(self) -> None:
+        while not self.should_exit.is_set():
             try:
-                ready.append((i, prepare(item.job_id, item.spec, self.limits)))
-            except JobError as exc:
-                outcomes[i] = exc.to_result()
-        if ready:
-            try:
-                results = self.executor.run_many([job for _, job in ready])
-            except Exception as exc:  # an executor bug must not take the daemon down
-                log.exception("executor raised", executor=self.settings.executor)
-                err = JobError(ErrorCode.JOB_FAILED, f"executor {self.settings.executor!r} "
-                               f"failed: {type(exc).__name__}: {exc}")
-                results = [err] * len(ready)
-            for (i, _), res in zip(ready, results, strict=True):
-                outcomes[i] = (res.to_result() if isinstance(res, JobError)
-                               else result_map(res, self.settings.executor, __version__))
-        return [o if o is not None else {} for o in outcomes]
+                await self.worker.restart()
+                log.info("executor restarted", pid=self.worker.pid, restarts=self.worker.restarts)
+                return
+            except (WorkerStartFailed, WorkerDied) as exc:
+                log.error("executor failed to restart; retrying", reason=str(exc))
+                await sleep_or_exit(1.0, self.should_exit)
 
     # -- outbound ---------------------------------------------------------------------
 
-    def _finish(self, job_id: str, results: dict[str, Any]) -> None:
-        self._active.pop(job_id, None)
-        self._finished[job_id] = results
-        while len(self._finished) > 10_000:
-            self._finished.popitem(last=False)
-        self._answer(job_id, results)
-
-    def _answer(self, job_id: str, results: dict[str, Any]) -> None:
-        self._outbox[job_id] = results
+    def _finish(self, results: list[tuple[str, dict[str, Any]]]) -> None:
+        """Store first, then send: a result is never only in memory."""
+        assert self.store is not None
+        self.store.finish(results)
+        for job_id, res in results:
+            self._outbox[job_id] = res
         self._flush.set()
 
     def _status(self, job_id: str, state: str) -> None:

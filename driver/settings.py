@@ -73,7 +73,11 @@ class Settings(BaseSettings):
     max_circuits: int = Field(1_000, gt=0, description="experiments per job")
     max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_queued_jobs: int = Field(1_000, gt=0)
-    job_timeout_s: float = Field(3600.0, gt=0)
+    max_circuit_bytes: int = Field(1024 * 1024, ge=64, description="OpenQASM text per circuit")
+    job_timeout_s: float = Field(3600.0, gt=0, description="per-job cap; jobs may ask for less")
+    drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for a job")
+    result_retention_s: float = Field(7 * 86400.0, gt=0, description="keep delivered results")
+    result_max_rows: int = Field(200_000, gt=0, description="cap of the result store")
     batch_max_jobs: int = Field(64, gt=0, description="queued jobs run together in one call")
 
     # Operations

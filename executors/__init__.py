@@ -39,8 +39,9 @@ def available() -> dict[str, str]:
 
 
 def load(name: str) -> type[Executor]:
-    """Import and return the executor class registered under `name`."""
-    target = available().get(name)
+    """Import and return the executor class registered under `name`, or named
+    directly by an import string `package.module:Class`."""
+    target = available().get(name) or (name if ":" in name else None)
     if target is None:
         known = ", ".join(sorted(available()))
         raise ExecutorUnavailable(f"unknown executor {name!r}; installed executors: {known}")

@@ -1,0 +1,128 @@
+"""The durable result store: sqlite in WAL mode in the data directory, keyed by
+job_id. Results are written before they are sent and kept until delivered (or
+acknowledged), then for a retention period, so duplicates are answered without
+re-running and nothing owed is lost to a crash or a restart."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id    TEXT PRIMARY KEY,
+    state     TEXT NOT NULL,          -- running | done
+    result    BLOB,                   -- msgpack of the result map, when done
+    started   REAL NOT NULL,
+    finished  REAL,
+    delivered INTEGER NOT NULL DEFAULT 0,  -- handed to a live pipe
+    acked     INTEGER NOT NULL DEFAULT 0   -- ResultAck received
+);
+CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (state, delivered, acked);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished);
+"""
+
+INTERRUPTED = {
+    "error": "the driver stopped while this job was running; it was not re-run, to avoid "
+    "executing it twice. Resubmit it.",
+    "error_code": "EXECUTOR_CRASHED",
+}
+
+
+class ResultStore:
+    def __init__(self, path: Path, retention_s: float = 7 * 86400, max_rows: int = 200_000):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.retention_s = retention_s
+        self.max_rows = max_rows
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL survives a process crash; only a power cut can lose the last commit.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def recover_interrupted(self) -> list[str]:
+        """Jobs left `running` by a crash: answer them with an error, never re-run."""
+        rows = [r[0] for r in self._db.execute("SELECT job_id FROM jobs WHERE state='running'")]
+        if rows:
+            blob = msgpack.packb(INTERRUPTED)
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "UPDATE jobs SET state='done', result=?, finished=? WHERE job_id=?",
+                    [(blob, time.time(), job_id) for job_id in rows],
+                )
+        return rows
+
+    def mark_running(self, job_ids: Iterable[str]) -> None:
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO jobs (job_id, state, started) VALUES (?, 'running', ?)",
+                [(job_id, now) for job_id in job_ids],
+            )
+
+    def finish(self, results: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO jobs (job_id, state, result, started, finished) "
+                "VALUES (?, 'done', ?, ?, ?) ON CONFLICT(job_id) DO UPDATE SET "
+                "state='done', result=excluded.result, finished=excluded.finished",
+                [(job_id, msgpack.packb(res), now, now) for job_id, res in results],
+            )
+
+    def state(self, job_id: str) -> tuple[str, dict[str, Any] | None] | None:
+        row = self._db.execute(
+            "SELECT state, result FROM jobs WHERE job_id=?", (job_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return row[0], (msgpack.unpackb(row[1]) if row[1] is not None else None)
+
+    def undelivered(self, acks: bool) -> list[tuple[str, dict[str, Any]]]:
+        """Results still owed: never handed over, or (with acks) never acknowledged."""
+        column = "acked" if acks else "delivered"
+        rows = self._db.execute(
+            f"SELECT job_id, result FROM jobs WHERE state='done' AND {column}=0 "
+            "ORDER BY finished"
+        )
+        return [(job_id, msgpack.unpackb(blob)) for job_id, blob in rows]
+
+    def mark_delivered(self, job_ids: Iterable[str]) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("UPDATE jobs SET delivered=1 WHERE job_id=?",
+                                 [(j,) for j in job_ids])
+
+    def mark_acked(self, job_id: str) -> None:
+        self._db.execute("UPDATE jobs SET acked=1, delivered=1 WHERE job_id=?", (job_id,))
+
+    def prune(self) -> int:
+        """Drop delivered results past retention, and the oldest beyond the row cap."""
+        cutoff = time.time() - self.retention_s
+        with self._db:
+            self._db.execute("BEGIN")
+            gone = self._db.execute(
+                "DELETE FROM jobs WHERE state='done' AND delivered=1 AND finished < ?", (cutoff,)
+            ).rowcount
+            excess = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - self.max_rows
+            if excess > 0:
+                gone += self._db.execute(
+                    "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs WHERE "
+                    "state='done' AND delivered=1 ORDER BY finished LIMIT ?)", (excess,)
+                ).rowcount
+        return gone
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
