@@ -97,6 +97,7 @@ class Worker:
         self.capabilities: Any = None
         self.calibration: dict[str, Any] | None = None
         self.restarts = 0
+        self._waiting: tuple[int, asyncio.Future[None]] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -147,9 +148,11 @@ class Worker:
             readable: asyncio.Future[None] = loop.create_future()
             fd = conn.fileno()
             loop.add_reader(fd, _wake, readable)
+            self._waiting = (fd, readable)
             try:
                 await readable
             finally:
+                self._waiting = None
                 loop.remove_reader(fd)
 
     def _death(self) -> str:
@@ -167,6 +170,13 @@ class Worker:
         return f"the executor process exited with status {code}"
 
     def kill(self) -> None:
+        """SIGKILL the child now; a batch awaiting it fails with WorkerDied."""
+        if self._waiting is not None:
+            # The pipe is about to close: a closed fd never wakes the loop, so wake it here.
+            fd, waiter = self._waiting
+            asyncio.get_running_loop().remove_reader(fd)
+            if not waiter.done():
+                waiter.set_exception(WorkerDied("the executor process was stopped by the driver"))
         process = self.process
         if process is not None and process.is_alive():
             os.kill(process.pid, signal.SIGKILL)  # type: ignore[arg-type]

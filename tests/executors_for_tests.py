@@ -1,0 +1,44 @@
+"""Executors the tests load by import string (`--executor tests.executors_for_tests:...`):
+Aer with an execution log, and faults triggered by markers in the circuit text."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Sequence
+
+from executors.aer import AerExecutor
+from executors.base import Job, JobError, JobResult
+
+
+class CountingExecutor(AerExecutor):
+    """Aer that appends every job it starts to `count_file` (one line per execution)
+    and misbehaves on request: `// segfault`, `// exit`, `// hang`, `// sleep S`."""
+
+    name = "counting"
+
+    def run_many(self, jobs: Sequence[Job]) -> list[JobResult | JobError]:
+        path = self.options.get("count_file")
+        if path:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, "".join(f"{job.job_id}\n" for job in jobs).encode())
+            finally:
+                os.close(fd)
+        for job in jobs:
+            for exp in job.experiments:
+                self._misbehave(exp.source)
+        return super().run_many(jobs)
+
+    @staticmethod
+    def _misbehave(source: str) -> None:
+        if "// segfault" in source:
+            ctypes.string_at(0)  # a real SIGSEGV, as a vendor library would cause
+        if "// exit" in source:
+            os._exit(3)
+        if "// hang" in source:
+            time.sleep(3600)
+        marker = source.find("// sleep ")
+        if marker >= 0:
+            time.sleep(float(source[marker + 9 :].split()[0]))

@@ -1,0 +1,258 @@
+"""Nothing lost, nothing run twice (protocol §6): crashes, hangs, duplicates,
+restarts, disconnects, cancel, disabled QPU, backpressure, graceful stop, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from driver.orchestrator import LocalOrchestrator
+from driver.wire import EventType, encode
+from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
+
+BELL = """OPENQASM 2.0;
+include "qelib1.inc";
+qreg q[2];
+creg c[2];
+h q[0];
+cx q[0],q[1];
+measure q -> c;
+"""
+COUNTING = "tests.executors_for_tests:CountingExecutor"
+
+
+def marked(marker: str) -> str:
+    return BELL + f"// {marker}\n"
+
+
+@pytest.fixture
+async def orch() -> AsyncIterator[LocalOrchestrator]:
+    o = LocalOrchestrator(port=0, driver_name="chaos")
+    await o.start()
+    yield o
+    await o.stop()
+
+
+async def counting_daemon(tmp_path: Path, orch: LocalOrchestrator, **env: str) -> Daemon:
+    count = tmp_path / "executions.log"
+    options = json.dumps({"count_file": str(count)})
+    d = start_daemon(tmp_path, daemon_env(tmp_path, orch, QPI_EXECUTOR=COUNTING,
+                                          QPI_EXECUTOR_OPTIONS=options, **env))
+    await wait_for(lambda: orch.online or d.proc.poll() is not None, what="daemon connect")
+    assert d.proc.poll() is None, d.output()
+    return d
+
+
+def executions(tmp_path: Path) -> list[str]:
+    path = tmp_path / "executions.log"
+    return path.read_text().split() if path.exists() else []
+
+
+async def finished(orch: LocalOrchestrator, job: dict[str, object]) -> dict[str, object]:
+    record = orch.submit(job)
+    done = await orch.result(record.id, timeout=90)
+    assert done.results is not None
+    return done.results
+
+
+async def test_segfault_fails_only_that_job_and_a_fresh_worker_serves(
+    tmp_path: Path, orch: LocalOrchestrator
+) -> None:
+    d = await counting_daemon(tmp_path, orch)
+    try:
+        crashed = await finished(orch, {"circuits": [marked("segfault")]})
+        assert crashed["error_code"] == "EXECUTOR_CRASHED"
+        assert "SIGSEGV" in str(crashed["error"])
+        exited = await finished(orch, {"circuits": [marked("exit")]})
+        assert "exited with status 3" in str(exited["error"])
+        ok = await finished(orch, {"circuits": [BELL], "shots": 64})
+        assert ok["success"] is True
+    finally:
+        assert d.stop() == 0, d.output()
+    assert "executor restarted" in d.output()
+
+
+async def test_hang_times_out_and_the_next_job_runs(tmp_path: Path, orch: LocalOrchestrator) -> None:
+    d = await counting_daemon(tmp_path, orch, QPI_JOB_TIMEOUT_S="30")
+    try:
+        hung = await finished(orch, {"circuits": [marked("hang")], "timeout_s": 1.5})
+        assert hung["error_code"] == "JOB_TIMEOUT" and "1.5 s" in str(hung["error"])
+        ok = await finished(orch, {"circuits": [BELL], "shots": 64})
+        assert ok["success"] is True
+    finally:
+        assert d.stop() == 0, d.output()
+
+
+async def test_duplicates_are_absorbed_or_answered_never_rerun(
+    tmp_path: Path, orch: LocalOrchestrator
+) -> None:
+    d = await counting_daemon(tmp_path, orch)
+    try:
+        record = orch.submit({"circuits": [marked("sleep 1.0")], "shots": 32})
+        await wait_for(lambda: record.status == "running", what="the job to run")
+        again = {"job_id": record.id, "payload": record.payload}
+        await orch.send_event(EventType.JOB_DISPATCH, again)  # while running: absorbed
+        await orch.result(record.id, timeout=60)
+        first = record.results
+        await orch.send_event(EventType.JOB_DISPATCH, again)  # finished: stored answer
+        await wait_for(lambda: record.results_received >= 2, what="the stored answer")
+        assert record.results == first
+        await asyncio.sleep(0.5)
+        assert record.results_received == 2
+    finally:
+        assert d.stop() == 0, d.output()
+    assert executions(tmp_path).count(record.id) == 1
+
+
+async def test_result_store_survives_a_daemon_restart(
+    tmp_path: Path, orch: LocalOrchestrator
+) -> None:
+    d = await counting_daemon(tmp_path, orch)
+    record = orch.submit({"circuits": [BELL], "shots": 100})
+    await orch.result(record.id, timeout=60)
+    assert d.stop() == 0
+    d = await counting_daemon(tmp_path, orch)
+    try:
+        before = record.results_received
+        await orch.send_event(EventType.JOB_DISPATCH,
+                              {"job_id": record.id, "payload": record.payload})
+        await wait_for(lambda: record.results_received > before, what="the stored answer")
+    finally:
+        assert d.stop() == 0, d.output()
+    assert executions(tmp_path).count(record.id) == 1
+
+
+async def test_results_made_while_disconnected_are_sent_after_reconnect(
+    tmp_path: Path, orch: LocalOrchestrator
+) -> None:
+    orch.acks = True
+    d = await counting_daemon(tmp_path, orch)
+    try:
+        record = orch.submit({"circuits": [marked("sleep 1.5")], "shots": 16})
+        await wait_for(lambda: record.status == "running", what="the job to run")
+        await orch.stop_nng()  # the orchestrator goes away mid-job
+        await asyncio.sleep(2.5)  # the job finishes with nobody to hand it to
+        await orch.start_nng()  # new ports: the daemon must register again
+        await orch.result(record.id, timeout=60)
+        assert record.status == "completed"
+        ok = await finished(orch, {"circuits": [BELL], "shots": 8})
+        assert ok["success"] is True
+    finally:
+        assert d.stop() == 0, d.output()
+    assert executions(tmp_path).count(record.id) == 1
+    assert orch.connects >= 2
+
+
+async def test_cancel_queued_and_running_jobs(tmp_path: Path, orch: LocalOrchestrator) -> None:
+    d = await counting_daemon(tmp_path, orch)
+    try:
+        running = orch.submit({"circuits": [marked("sleep 60")], "timeout_s": 120})
+        await wait_for(lambda: running.status == "running", what="the job to run")
+        queued = orch.submit({"circuits": [BELL]})
+        await wait_for(lambda: queued.dispatches == 1, what="dispatch")
+        await asyncio.sleep(0.2)
+        await orch.send_event(EventType.JOB_CANCEL, {"job_id": queued.id})
+        await orch.send_event(EventType.JOB_CANCEL, {"job_id": running.id})
+        for record in (queued, running):
+            await orch.result(record.id, timeout=60)
+            assert record.status == "cancelled", record.results
+            assert record.results is not None and record.results["error_code"] == "JOB_CANCELLED"
+        ok = await finished(orch, {"circuits": [BELL], "shots": 8})
+        assert ok["success"] is True
+    finally:
+        assert d.stop() == 0, d.output()
+    assert queued.id not in executions(tmp_path)
+
+
+async def test_disabled_qpu_refuses_jobs_until_enabled(
+    tmp_path: Path, orch: LocalOrchestrator
+) -> None:
+    d = await counting_daemon(tmp_path, orch)
+    try:
+        await orch.send_event(EventType.QPU_STATE, {"state": "disabled"})
+        refused = await finished(orch, {"circuits": [BELL]})
+        assert refused["error_code"] == "QPU_DISABLED"
+        await orch.send_event(EventType.QPU_STATE, {"state": "online"})
+        ok = await finished(orch, {"circuits": [BELL], "shots": 8})
+        assert ok["success"] is True
+    finally:
+        assert d.stop() == 0, d.output()
+
+
+async def test_queue_cap_is_answered_not_silent(tmp_path: Path, orch: LocalOrchestrator) -> None:
+    d = await counting_daemon(tmp_path, orch, QPI_MAX_QUEUED_JOBS="2")
+    try:
+        slow = orch.submit({"circuits": [marked("sleep 2")], "timeout_s": 30})
+        await wait_for(lambda: slow.status == "running", what="the job to run")
+        records = [orch.submit({"circuits": [BELL], "shots": 8}) for _ in range(5)]
+        for record in records:
+            await orch.result(record.id, timeout=60)
+        codes = [r.results.get("error_code") if r.results else None for r in records]
+        assert codes.count("QUOTA_EXCEEDED") == 3, codes
+        assert codes.count(None) == 2
+        full = next(r.results for r in records if r.results and "error" in r.results)
+        assert "queue is full (2 jobs)" in str(full["error"])
+    finally:
+        assert d.stop() == 0, d.output()
+
+
+async def test_sigterm_lets_the_running_job_finish_and_delivers_it(
+    tmp_path: Path, orch: LocalOrchestrator
+) -> None:
+    d = await counting_daemon(tmp_path, orch)
+    record = orch.submit({"circuits": [marked("sleep 1.5")], "shots": 16})
+    await wait_for(lambda: record.status == "running", what="the job to run")
+    d.proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(d.proc.wait, 60)
+    assert code == 0, d.output()
+    assert record.status == "completed"
+    assert "stop requested: draining" in d.output()
+
+
+async def test_oversized_frames_and_circuits_are_refused(
+    tmp_path: Path, orch: LocalOrchestrator
+) -> None:
+    d = await counting_daemon(tmp_path, orch, QPI_MAX_FRAME_BYTES="65536",
+                              QPI_MAX_CIRCUIT_BYTES="4096")
+    try:
+        huge = {"job_id": "huge-1", "payload": {"circuits": ["x" * 100_000]}}
+        await orch.send_raw(encode_env(huge))  # over the frame cap: dropped before decoding
+        big = await finished(orch, {"circuits": [BELL + "// " + "y" * 5000 + "\n"]})
+        assert big["error_code"] == "QUOTA_EXCEEDED" and big["max_circuit_bytes"] == 4096
+        ok = await finished(orch, {"circuits": [BELL], "shots": 8})
+        assert ok["success"] is True
+    finally:
+        assert d.stop() == 0, d.output()
+    assert "huge-1" not in executions(tmp_path)
+
+
+def encode_env(payload: dict[str, object]) -> bytes:
+    from driver.wire import Envelope
+
+    return encode(Envelope(EventType.JOB_DISPATCH, payload), "msgpack")
+
+
+async def test_token_never_appears_in_output_or_events(tmp_path: Path) -> None:
+    token = "tok-SECRET-" + "9f8e7d6c5b4a"
+    orch = LocalOrchestrator(port=0, token=token)
+    await orch.start()
+    try:
+        d = start_daemon(tmp_path, daemon_env(tmp_path, orch, QPI_LOG_LEVEL="debug"))
+        await wait_for(lambda: orch.online, what="connect")
+        for job in ({"circuits": [BELL]}, {"circuits": ["OPENQASM 2.0; bad"]},
+                    {"circuits": [BELL], "shots": -1}, {"nothing": token}):
+            await finished(orch, job)  # type: ignore[arg-type]
+        await orch.send_event("Bogus", {"token": token})
+        assert d.stop() == 0
+        sent = b"".join(encode(env, "json") for env in orch.events)
+        assert orch.events
+        assert token.encode() not in sent
+        assert token not in d.output()
+        assert token not in json.dumps(orch.last_heartbeat or {})
+    finally:
+        await orch.stop()
