@@ -77,7 +77,9 @@ async def test_segfault_fails_only_that_job_and_a_fresh_worker_serves(
     assert "executor restarted" in d.output()
 
 
-async def test_hang_times_out_and_the_next_job_runs(tmp_path: Path, orch: LocalOrchestrator) -> None:
+async def test_hang_times_out_and_the_next_job_runs(
+    tmp_path: Path, orch: LocalOrchestrator
+) -> None:
     d = await counting_daemon(tmp_path, orch, QPI_JOB_TIMEOUT_S="30")
     try:
         hung = await finished(orch, {"circuits": [marked("hang")], "timeout_s": 1.5})
