@@ -71,7 +71,7 @@ class Notifier:
         return self.notify(*self._status(text))
 
     def stopping(self, status: str | None = None) -> bool:
-        """Shutdown has begun (drain); systemd stops expecting READY and shows this state."""
+        """Shutdown has begun (drain); systemd shows the unit as deactivating from now on."""
         return self.notify("STOPPING=1", *self._status(status))
 
     def reloading(self, status: str | None = None) -> bool:

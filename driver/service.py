@@ -4,6 +4,7 @@ drain and stop. `Driver.run()` reads in that order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -15,6 +16,7 @@ import pynng
 
 from driver import __version__, logs
 from driver.jobs import JobSpec, Limits, read_spec
+from driver.metrics import HealthServer, Metrics, try_nvml
 from driver.nng import AsyncSocket, SocketClosed, tls_client, url
 from driver.registration import (
     Backoff,
@@ -26,12 +28,16 @@ from driver.registration import (
     Session,
     sleep_or_exit,
 )
+from driver.sdnotify import Notifier
 from driver.settings import EX_CONFIG, Settings
 from driver.store import ResultStore
 from driver.tls import FingerprintMismatch
-from driver.wire import Envelope, EventType, FrameError, decode, encode
+from driver.wire import Envelope, EventType, FrameError, decode, encode, now_iso
 from driver.worker import Worker, WorkerDied, WorkerStartFailed, WorkItem
 from executors.base import ErrorCode, JobError
+
+_INBOUND = frozenset({EventType.JOB_DISPATCH, EventType.JOB_CANCEL, EventType.QPU_STATE,
+                      EventType.RESULT_ACK})
 
 EX_UNAVAILABLE = 69  # sysexits.h: the chosen executor cannot run here
 EX_NOPERM = 77  # sysexits.h: the orchestrator failed the CA pin
@@ -108,6 +114,22 @@ class Driver:
         self._acks = False
         self._runner: asyncio.Task[None] | None = None
         self._signals = 0
+        # Observability: metrics, health, heartbeats, systemd.
+        self.metrics = Metrics()
+        self.metrics.queue_depth.set_function(lambda: len(self._queue))
+        self.metrics.pending.set_function(lambda: len(self._outbox))
+        self.notifier = Notifier.from_environ(os.environ)
+        self._health: HealthServer | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._beat_now = asyncio.Event()
+        self._last_status = ""
+        self._degraded: str | None = None
+        self._batch_started = 0.0
+        self._calibrated_at = 0.0
+        self._calibration_due = asyncio.Event()
+        self._sessions = 0
+        self.counters = {"jobs_ok": 0, "jobs_failed": 0, "duplicates": 0,
+                         "malformed_frames": 0, "worker_restarts": 0, "reconnects": 0}
 
     # -- life story -------------------------------------------------------------------
 
@@ -127,6 +149,16 @@ class Driver:
             loop.add_signal_handler(sig, self.handle_exit, sig)
         loop.add_signal_handler(signal.SIGHUP, self.handle_reload)
         s = self.settings
+        self._background.append(asyncio.create_task(self.notifier.run_watchdog()))
+        if s.metrics_addr:
+            self._health = HealthServer(self.metrics, self.unready_reasons)
+            try:
+                await self._health.start(s.metrics_addr)
+            except OSError as exc:
+                log.error("cannot serve metrics", addr=s.metrics_addr, reason=exc.strerror)
+                return EX_CONFIG
+            log.info("metrics listening", addr=s.metrics_addr, port=self._health.port)
+        self.notifier.status(f"starting executor {s.executor}")
         self.store = ResultStore(s.data_dir / "results.sqlite3", s.result_retention_s,
                                  s.result_max_rows)
         interrupted = self.store.recover_interrupted()
@@ -140,6 +172,14 @@ class Driver:
             return EX_UNAVAILABLE if exc.unavailable else 1
         caps = self.worker.capabilities
         self.capabilities = caps.to_wire()
+        self._calibrated_at = time.time()
+        self.metrics.executor_info.info({"executor": s.executor, "device": str(caps.device),
+                                         "precision": str(caps.precision),
+                                         "max_qubits": str(caps.max_qubits)})
+        if caps.device != "cpu":
+            nvml = try_nvml()
+            if nvml is not None:
+                self.metrics.add_collector(nvml)
         self.limits = Limits(
             max_qubits=min(s.max_qubits or caps.max_qubits, caps.max_qubits),
             max_shots=min(s.max_shots, caps.max_shots),
@@ -150,6 +190,8 @@ class Driver:
                  max_qubits=self.limits.max_qubits, device=caps.device,
                  precision=caps.precision)
         self._runner = asyncio.create_task(self._run_jobs(), name="job-runner")
+        self._background.append(asyncio.create_task(self._calibration_schedule()))
+        self.notifier.status("executor ready; registering with the orchestrator")
         return 0
 
     async def main_loop(self) -> int:
@@ -168,12 +210,14 @@ class Driver:
                 return EX_NOPERM
             except DriverDisabled as exc:
                 log.warning("driver disabled", reason=str(exc), retry_in_s=exc.retry_after)
+                self.notifier.status("disabled by the orchestrator; retrying slowly")
                 await sleep_or_exit(exc.retry_after or 60.0, self.should_exit)
                 continue
             except (OrchestratorDown, ProtocolMismatch, pynng.NNGException) as exc:
                 delay = backoff.next_delay()
                 log.warning("orchestrator not reachable", reason=str(exc),
                             retry_in_s=round(delay, 2))
+                self.notifier.status(f"orchestrator not reachable; retrying in {delay:.1f} s")
                 await sleep_or_exit(delay, self.should_exit)
                 continue
             backoff.reset()
@@ -181,6 +225,10 @@ class Driver:
         return 0
 
     async def shutdown(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self._health is not None:
+            await self._health.stop()
         if self._runner is not None:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
@@ -189,6 +237,7 @@ class Driver:
         if self.store is not None:
             self.store.close()
         log.info("stopped", results_owed=owed, queued_not_run=len(self._queue))
+        self.notifier.close()
 
     def handle_exit(self, sig: int) -> None:
         self._signals += 1
@@ -200,18 +249,23 @@ class Driver:
                  running=list(self._running))
         self.should_exit.set()
         self._work.set()
+        self.notifier.stopping(f"draining: {len(self._running)} job(s) running")
+        self._status_changed()
 
     def handle_reload(self) -> None:
         """SIGHUP: re-read the log settings and the executor's calibration."""
         from driver.settings import ConfigError, load_settings
 
+        self.notifier.reloading("reloading")
+        self._calibration_due.set()
         try:
             fresh = load_settings({"log_format": self.settings.log_format})
             logs.configure(fresh.log_format, fresh.log_level)
         except ConfigError as exc:
             log.error("reload failed; keeping the running configuration", reason=str(exc))
-            return
-        log.info("reloaded", log_level=fresh.log_level)
+        else:
+            log.info("reloaded", log_level=fresh.log_level)
+        self.notifier.ready(self._describe())
 
     # -- one connected session --------------------------------------------------------
 
@@ -225,10 +279,21 @@ class Driver:
         log.info("connected", name=session.name, host=session.nng_host,
                  wire_format=session.wire_format, tls=session.ca_pem is not None,
                  results_owed=len(self._outbox))
+        self._sessions += 1
+        if self._sessions > 1:
+            self.metrics.reconnects.inc()
+            self.counters["reconnects"] += 1
+        self.metrics.connected.set(1)
+        interval = session.heartbeat_interval_s or self.settings.heartbeat_interval
         tasks = [
             asyncio.create_task(self._receive(link), name="receive"),
             asyncio.create_task(self._send(link), name="send"),
+            asyncio.create_task(self._heartbeats(interval), name="heartbeat"),
         ]
+        if self._sessions == 1:
+            self.notifier.ready(self._describe())
+        else:
+            self.notifier.status(self._describe())
         self._flush.set()
         stop = asyncio.create_task(self.should_exit.wait())
         gone = asyncio.create_task(link.detached.wait())
@@ -238,6 +303,7 @@ class Driver:
                 await self._drain(link)
         finally:
             self._link = None
+            self.metrics.connected.set(0)
             for task in (*tasks, stop, gone):
                 task.cancel()
             link.close()
@@ -245,6 +311,7 @@ class Driver:
         if not self.should_exit.is_set():
             log.warning("disconnected from orchestrator; registering again",
                         results_owed=len(self._outbox))
+            self.notifier.status("disconnected; registering again")
 
     async def _drain(self, link: Link) -> None:
         """Let the running batch finish within the drain timeout and hand its results over."""
@@ -306,8 +373,12 @@ class Driver:
         try:
             env = decode(frame)
         except FrameError as exc:
+            self.metrics.malformed.inc()
+            self.counters["malformed_frames"] += 1
             log.warning("malformed frame dropped", reason=str(exc), size=len(frame))
             return
+        known = env.type in _INBOUND
+        self.metrics.frames.labels(env.type if known else "unknown").inc()
         try:
             if env.type == EventType.JOB_DISPATCH:
                 self._on_dispatch(env.payload)
@@ -332,12 +403,14 @@ class Driver:
             log.warning("JobDispatch without a usable job_id dropped", job_id=repr(job_id)[:80])
             return
         if job_id in self._queued or job_id in self._running:
+            self.counters["duplicates"] += 1
             log.info("duplicate dispatch absorbed", job_id=job_id)
             return
         assert self.store is not None
         known = self.store.state(job_id)
         if known is not None:
             _, results = known
+            self.counters["duplicates"] += 1
             if results is not None:
                 log.info("duplicate dispatch answered from the store", job_id=job_id)
                 self._outbox[job_id] = results
@@ -398,18 +471,28 @@ class Driver:
                 self._work.clear()
                 if self.should_exit.is_set():
                     return
+                if self._calibration_due.is_set():  # idle: a good moment to refresh
+                    await self._refresh_calibration()
                 continue
             batch = self._next_batch()
             self.store.mark_running(item.job_id for item in batch)
+            self._batch_started = time.monotonic()
             for item in batch:
                 self._status(item.job_id, "running")
+                self.metrics.queue_wait.observe(self._batch_started - item.received)
+            self._status_changed()
             outcomes = await self._execute(batch)
+            self.metrics.execution.observe(time.monotonic() - self._batch_started)
             self._finish([(item.job_id, res) for item, res in zip(batch, outcomes, strict=True)])
             for item, res in zip(batch, outcomes, strict=True):
                 self._running.pop(item.job_id, None)
+                self._count(res)
                 log.info("job finished", job_id=item.job_id, ok="error" not in res,
                          error_code=res.get("error_code"),
                          seconds=round(time.monotonic() - item.received, 4))
+            self._status_changed()
+            if self._calibration_due.is_set():
+                await self._refresh_calibration()
 
     async def _execute(self, batch: list[QueuedJob]) -> list[dict[str, Any]]:
         own = batch[0].spec.timeout_s
@@ -442,10 +525,16 @@ class Driver:
             return outcomes
 
     async def _restart_worker(self) -> None:
+        self._degraded = "executor restarting"
+        self._status_changed()
+        self.metrics.worker_restarts.inc()
+        self.counters["worker_restarts"] += 1
         while not self.should_exit.is_set():
             try:
                 await self.worker.restart()
                 log.info("executor restarted", pid=self.worker.pid, restarts=self.worker.restarts)
+                self._degraded = None
+                self._status_changed()
                 return
             except (WorkerStartFailed, WorkerDied) as exc:
                 log.error("executor failed to restart; retrying", reason=str(exc))
@@ -459,10 +548,113 @@ class Driver:
         self.store.finish(results)
         for job_id, res in results:
             self._outbox[job_id] = res
+            if job_id not in self._running:  # answered without running: count it here
+                self._count(res)
         self._flush.set()
+
+    def _count(self, res: dict[str, Any]) -> None:
+        executor = self.settings.executor
+        if "error" in res:
+            self.counters["jobs_failed"] += 1
+            self.metrics.jobs.labels(str(res.get("error_code", "JOB_FAILED")), executor).inc()
+            return
+        self.counters["jobs_ok"] += 1
+        self.metrics.jobs.labels("ok", executor).inc()
+        experiments = res.get("circuit_results") or []
+        self.metrics.circuits.labels(executor).inc(len(experiments))
+        self.metrics.shots.labels(executor).inc(sum(int(e.get("shots", 0)) for e in experiments))
+
+    # -- status, heartbeats, calibration ------------------------------------------------
+
+    def status(self) -> str:
+        if self.should_exit.is_set():
+            return "draining"
+        if self._degraded:
+            return "degraded"
+        return "busy" if self._running else "idle"
+
+    def _describe(self) -> str:
+        link = self._link
+        where = f"connected to {link.session.nng_host}" if link else "not connected"
+        return (f"{self.status()}, {where}, executor {self.settings.executor}, "
+                f"{len(self._queue)} queued, {self.counters['jobs_ok']} ok / "
+                f"{self.counters['jobs_failed']} failed")
+
+    def _status_changed(self) -> None:
+        """Heartbeat at once when the status changes, not just on the timer."""
+        current = self.status()
+        if current != self._last_status:
+            self._last_status = current
+            self._beat_now.set()
+            self.notifier.status(self._describe())
+
+    def unready_reasons(self) -> list[str]:
+        reasons = []
+        if self._link is None or self._link.detached.is_set():
+            reasons.append("not connected to the orchestrator")
+        if self.worker.process is None or not self.worker.process.is_alive():
+            reasons.append("executor not running")
+        if self._degraded:
+            reasons.append(self._degraded)
+        if self.should_exit.is_set():
+            reasons.append("draining")
+        return reasons
+
+    def heartbeat(self) -> dict[str, Any]:
+        running = next(iter(self._running), None)
+        calibration = dict(self.worker.calibration or {})
+        calibration.setdefault("timestamp", _iso(self._calibrated_at))
+        return {
+            "status": self.status(),
+            "executor": self.settings.executor,
+            "queue_depth": len(self._queue),
+            "running_job": None if running is None else {
+                "job_id": running,
+                "elapsed_s": round(time.monotonic() - self._batch_started, 3),
+                "batch_size": len(self._running),
+            },
+            "counters": {**self.counters, "results_pending": len(self._outbox)},
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "version": __version__,
+            "capabilities": self.capabilities,
+            "calibration": calibration,
+            "degraded_reason": self._degraded,
+        }
+
+    async def _heartbeats(self, interval: float) -> None:
+        self._beat_now.set()  # one at once on connect
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), interval)
+            self._beat_now.clear()
+            self._last_status = self.status()
+            self._transient.append(Envelope(EventType.HEARTBEAT, self.heartbeat()))
+            self.metrics.heartbeats.inc()
+            self._flush.set()
+
+    async def _calibration_schedule(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.calibration_interval_s)
+            self._calibration_due.set()
+            self._work.set()
+
+    async def _refresh_calibration(self) -> None:
+        self._calibration_due.clear()
+        try:
+            await asyncio.wait_for(self.worker.refresh_calibration(), 60)
+        except (TimeoutError, WorkerDied) as exc:
+            log.warning("calibration refresh failed", reason=str(exc))
+            await self._restart_worker()
+            return
+        self._calibrated_at = time.time()
+        self._beat_now.set()
 
     def _status(self, job_id: str, state: str) -> None:
         if self._link is not None:
             self._transient.append(Envelope(EventType.JOB_STATUS,
                                             {"job_id": job_id, "state": state}))
             self._flush.set()
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else now_iso()

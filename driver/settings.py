@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     metrics_addr: str | None = Field("127.0.0.1:9464", description="host:port; empty = off")
     heartbeat_interval: float = Field(10.0, gt=0, description="seconds between heartbeats")
+    calibration_interval_s: float = Field(300.0, gt=0, description="calibration refresh period")
 
     # Embedded orchestrator (local mode)
     local_host: str = "127.0.0.1"
