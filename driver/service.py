@@ -211,6 +211,7 @@ class Driver:
             except DriverDisabled as exc:
                 log.warning("driver disabled", reason=str(exc), retry_in_s=exc.retry_after)
                 self.notifier.status("disabled by the orchestrator; retrying slowly")
+                self._keep_starting(exc.retry_after or 60.0)
                 await sleep_or_exit(exc.retry_after or 60.0, self.should_exit)
                 continue
             except (OrchestratorDown, ProtocolMismatch, pynng.NNGException) as exc:
@@ -218,15 +219,19 @@ class Driver:
                 log.warning("orchestrator not reachable", reason=str(exc),
                             retry_in_s=round(delay, 2))
                 self.notifier.status(f"orchestrator not reachable; retrying in {delay:.1f} s")
+                self._keep_starting(delay)
                 await sleep_or_exit(delay, self.should_exit)
                 continue
             backoff.reset()
             await self._serve(link)
         return 0
 
+    def _keep_starting(self, delay: float) -> None:
+        """Before the first READY, a retrying start must not trip TimeoutStartSec=."""
+        if self._sessions == 0:
+            self.notifier.extend_timeout(delay + self.settings.connect_timeout_s + 30)
+
     async def shutdown(self) -> None:
-        for task in self._background:
-            task.cancel()
         if self._health is not None:
             await self._health.stop()
         if self._runner is not None:
@@ -237,6 +242,9 @@ class Driver:
         if self.store is not None:
             self.store.close()
         log.info("stopped", results_owed=owed, queued_not_run=len(self._queue))
+        # The watchdog goes last: systemd still watches a unit while it stops.
+        for task in self._background:
+            task.cancel()
         self.notifier.close()
 
     def handle_exit(self, sig: int) -> None:
