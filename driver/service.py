@@ -39,6 +39,9 @@ from executors.base import ErrorCode, JobError
 _INBOUND = frozenset({EventType.JOB_DISPATCH, EventType.JOB_CANCEL, EventType.QPU_STATE,
                       EventType.RESULT_ACK})
 
+RUNNING_STATUS_AFTER_S = 0.05  # JobStatus "running" only for jobs that last
+HEARTBEAT_SPACING_S = 0.25  # at most four status-change heartbeats a second
+
 EX_UNAVAILABLE = 69  # sysexits.h: the chosen executor cannot run here
 EX_NOPERM = 77  # sysexits.h: the orchestrator failed the CA pin
 
@@ -258,7 +261,7 @@ class Driver:
         self.should_exit.set()
         self._work.set()
         self.notifier.stopping(f"draining: {len(self._running)} job(s) running")
-        self._status_changed()
+        self._beat()  # the orchestrator hears "draining" before the pipes close
 
     def handle_reload(self) -> None:
         """SIGHUP: re-read the log settings and the executor's calibration."""
@@ -486,10 +489,12 @@ class Driver:
             self.store.mark_running(item.job_id for item in batch)
             self._batch_started = time.monotonic()
             for item in batch:
-                self._status(item.job_id, "running")
                 self.metrics.queue_wait.observe(self._batch_started - item.received)
             self._status_changed()
+            announce = asyncio.get_running_loop().call_later(
+                RUNNING_STATUS_AFTER_S, self._announce_running, batch)
             outcomes = await self._execute(batch)
+            announce.cancel()
             self.metrics.execution.observe(time.monotonic() - self._batch_started)
             self._finish([(item.job_id, res) for item, res in zip(batch, outcomes, strict=True)])
             for item, res in zip(batch, outcomes, strict=True):
@@ -631,14 +636,25 @@ class Driver:
 
     async def _heartbeats(self, interval: float) -> None:
         self._beat_now.set()  # one at once on connect
+        last = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat_now.wait(), interval)
+            # Back-to-back short jobs flip busy/idle every few ms: coalesce those beats.
+            wait = last + HEARTBEAT_SPACING_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            last = time.monotonic()
             self._beat_now.clear()
-            self._last_status = self.status()
-            self._transient.append(Envelope(EventType.HEARTBEAT, self.heartbeat()))
-            self.metrics.heartbeats.inc()
-            self._flush.set()
+            self._beat()
+
+    def _beat(self) -> None:
+        if self._link is None:
+            return
+        self._last_status = self.status()
+        self._transient.append(Envelope(EventType.HEARTBEAT, self.heartbeat()))
+        self.metrics.heartbeats.inc()
+        self._flush.set()
 
     async def _calibration_schedule(self) -> None:
         while True:
@@ -657,11 +673,15 @@ class Driver:
         self._calibrated_at = time.time()
         self._beat_now.set()
 
-    def _status(self, job_id: str, state: str) -> None:
-        if self._link is not None:
-            self._transient.append(Envelope(EventType.JOB_STATUS,
-                                            {"job_id": job_id, "state": state}))
-            self._flush.set()
+    def _announce_running(self, batch: list[QueuedJob]) -> None:
+        """JobStatus for jobs still running after a moment; short jobs only send results."""
+        if self._link is None:
+            return
+        for item in batch:
+            if item.job_id in self._running:
+                self._transient.append(Envelope(EventType.JOB_STATUS,
+                                                {"job_id": item.job_id, "state": "running"}))
+        self._flush.set()
 
 
 def _iso(epoch: float) -> str:

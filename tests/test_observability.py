@@ -20,6 +20,7 @@ from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
 
 BELL = 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nh q[0];\ncx q[0],q[1];\n' \
     "measure q -> c;\n"
+SLOW = "tests.executors_for_tests:CountingExecutor"  # Aer that sleeps on `// sleep S`
 HEARTBEAT_FIELDS = {"status", "executor", "queue_depth", "running_job", "counters", "uptime_s",
                     "version", "capabilities", "calibration"}
 
@@ -106,12 +107,12 @@ async def test_metrics_move_by_the_right_amounts(tmp_path: Path) -> None:
 async def test_heartbeats_carry_every_field_at_the_interval_and_on_change(tmp_path: Path) -> None:
     orch = LocalOrchestrator(port=0, heartbeat_interval_s=0.5)
     await orch.start()
-    d, _ = await start_observed(tmp_path, orch)
+    d, _ = await start_observed(tmp_path, orch, QPI_EXECUTOR=SLOW)
     try:
         await wait_for(lambda: len(heartbeats(orch)) >= 4, what="timed heartbeats")
         beat = heartbeats(orch)[-1]
         assert set(beat) >= HEARTBEAT_FIELDS
-        assert beat["status"] == "idle" and beat["executor"] == "aer"
+        assert beat["status"] == "idle" and beat["executor"] == SLOW
         caps = beat["capabilities"]
         assert isinstance(caps, dict) and caps["max_qubits"] == 30 and caps["device"] == "cpu"
         assert "timestamp" in beat["calibration"]  # type: ignore[operator]
@@ -119,7 +120,7 @@ async def test_heartbeats_carry_every_field_at_the_interval_and_on_change(tmp_pa
         assert len(times) >= 4
 
         seen = len(heartbeats(orch))
-        record = orch.submit({"circuits": [BELL], "shots": 200_000})
+        record = orch.submit({"circuits": [BELL + "// sleep 1\n"]})
         await orch.result(record.id, timeout=60)
         await wait_for(lambda: heartbeats(orch)[-1]["status"] == "idle", what="idle again")
         statuses = [b["status"] for b in heartbeats(orch)[seen:]]
