@@ -40,7 +40,8 @@ _INBOUND = frozenset({EventType.JOB_DISPATCH, EventType.JOB_CANCEL, EventType.QP
                       EventType.RESULT_ACK})
 
 RUNNING_STATUS_AFTER_S = 0.05  # JobStatus "running" only for jobs that last
-HEARTBEAT_SPACING_S = 0.25  # at most four status-change heartbeats a second
+HEARTBEAT_SPACING_S = 0.25
+FAULT_RETRY_S = 5.0  # at most four status-change heartbeats a second
 
 EX_UNAVAILABLE = 69  # sysexits.h: the chosen executor cannot run here
 EX_NOPERM = 77  # sysexits.h: the orchestrator failed the CA pin
@@ -582,7 +583,7 @@ class Driver:
     def status(self) -> str:
         if self.should_exit.is_set():
             return "draining"
-        if self._degraded:
+        if self._degraded or self.worker.fault:
             return "degraded"
         return "busy" if self._running else "idle"
 
@@ -609,6 +610,8 @@ class Driver:
             reasons.append("executor not running")
         if self._degraded:
             reasons.append(self._degraded)
+        if self.worker.fault:
+            reasons.append(f"device fault: {self.worker.fault}")
         if self.should_exit.is_set():
             reasons.append("draining")
         return reasons
@@ -631,7 +634,7 @@ class Driver:
             "version": __version__,
             "capabilities": self.capabilities,
             "calibration": calibration,
-            "degraded_reason": self._degraded,
+            "degraded_reason": self._degraded or self.worker.fault,
         }
 
     async def _heartbeats(self, interval: float) -> None:
@@ -658,7 +661,10 @@ class Driver:
 
     async def _calibration_schedule(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.calibration_interval_s)
+            # A faulty device is asked again soon: that is when it gets reconnected.
+            fault = self.worker.fault
+            await asyncio.sleep(min(FAULT_RETRY_S, self.settings.calibration_interval_s)
+                                if fault else self.settings.calibration_interval_s)
             self._calibration_due.set()
             self._work.set()
 
@@ -672,6 +678,7 @@ class Driver:
             return
         self._calibrated_at = time.time()
         self._beat_now.set()
+        self._status_changed()
 
     def _announce_running(self, batch: list[QueuedJob]) -> None:
         """JobStatus for jobs still running after a moment; short jobs only send results."""

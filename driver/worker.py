@@ -47,7 +47,7 @@ def _child(conn: multiprocessing.connection.Connection, name: str, options: dict
         conn.send(("failed", f"{type(exc).__name__}: {exc}",
                    isinstance(exc, executors.ExecutorUnavailable)))
         return
-    conn.send(("ready", caps, executor.calibration()))
+    conn.send(("ready", caps, executor.calibration(), executor.health()))
     while True:
         try:
             message = conn.recv()
@@ -57,10 +57,11 @@ def _child(conn: multiprocessing.connection.Connection, name: str, options: dict
         if kind == "stop":
             break
         if kind == "calibration":
-            conn.send(("calibration", executor.calibration()))
+            conn.send(("calibration", executor.calibration(), executor.health()))
             continue
         _, items, limits = message
-        conn.send(("done", run_batch(executor, name, version, items, limits)))
+        results = run_batch(executor, name, version, items, limits)
+        conn.send(("done", results, executor.health()))
     executor.close()
 
 
@@ -96,6 +97,7 @@ class Worker:
         self._conn: multiprocessing.connection.Connection | None = None
         self.capabilities: Any = None
         self.calibration: dict[str, Any] | None = None
+        self.fault: str | None = None  # the executor's own health report
         self.restarts = 0
         self._waiting: tuple[int, asyncio.Future[None]] | None = None
 
@@ -115,7 +117,7 @@ class Worker:
         if reply[0] == "failed":
             await self.stop()
             raise WorkerStartFailed(reply[1], unavailable=bool(reply[2]))
-        _, self.capabilities, self.calibration = reply
+        _, self.capabilities, self.calibration, self.fault = reply
 
     async def restart(self) -> None:
         self.kill()
@@ -126,12 +128,13 @@ class Worker:
         assert self._conn is not None
         self._conn.send(("run", items, limits))
         reply = await self._receive()
+        self.fault = reply[2]
         return list(reply[1])
 
     async def refresh_calibration(self) -> dict[str, Any] | None:
         assert self._conn is not None
         self._conn.send(("calibration",))
-        self.calibration = (await self._receive())[1]
+        _, self.calibration, self.fault = await self._receive()
         return self.calibration
 
     async def _receive(self) -> Any:

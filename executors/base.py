@@ -169,5 +169,12 @@ class Executor(abc.ABC):
         """Latest calibration snapshot (with a `timestamp`), if the device has one."""
         return None
 
+    def health(self) -> str | None:
+        """None when the device is usable, else what is wrong (the node turns `degraded`).
+
+        Called between jobs and on the calibration schedule; an executor whose
+        instrument connection dropped should try to reconnect here."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - most executors hold nothing to release
         """Release devices and connections; called once at shutdown."""
