@@ -28,14 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from driver.orchestrator import LocalOrchestrator  # noqa: E402
 
-BELL = """OPENQASM 2.0;
-include "qelib1.inc";
-qreg q[2];
-creg c[2];
-h q[0];
-cx q[0],q[1];
-measure q -> c;
-"""
+BELL = (ROOT / "examples/bell2.qasm").read_text()
 
 
 def random_circuit_qasm(qubits: int = 20, layers: int = 20, seed: int = 7) -> str:

@@ -7,16 +7,9 @@ from collections import Counter
 from typing import Any
 
 from driver.orchestrator import LocalOrchestrator
-from tests.conftest import Daemon
+from tests.conftest import ROOT, Daemon
 
-BELL_QASM2 = """OPENQASM 2.0;
-include "qelib1.inc";
-qreg q[2];
-creg c[2];
-h q[0];
-cx q[0],q[1];
-measure q -> c;
-"""
+BELL_QASM2 = (ROOT / "examples/bell2.qasm").read_text()
 
 GHZ_QASM3 = """OPENQASM 3.0;
 include "stdgates.inc";

@@ -13,16 +13,9 @@ import pytest
 
 from driver.orchestrator import LocalOrchestrator
 from driver.wire import EventType, encode
-from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
+from tests.conftest import ROOT, Daemon, daemon_env, start_daemon, wait_for
 
-BELL = """OPENQASM 2.0;
-include "qelib1.inc";
-qreg q[2];
-creg c[2];
-h q[0];
-cx q[0],q[1];
-measure q -> c;
-"""
+BELL = (ROOT / "examples/bell2.qasm").read_text()
 COUNTING = "tests.executors_for_tests:CountingExecutor"
 
 
