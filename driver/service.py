@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -41,8 +42,10 @@ _INBOUND = frozenset({EventType.JOB_DISPATCH, EventType.JOB_CANCEL, EventType.QP
 
 RUNNING_STATUS_AFTER_S = 0.05  # JobStatus "running" only for jobs that last
 HEARTBEAT_SPACING_S = 0.25
-FAULT_RETRY_S = 5.0  # at most four status-change heartbeats a second
+FAULT_RETRY_S = 5.0
+PRUNE_EVERY_S = 600.0  # at most four status-change heartbeats a second
 
+EX_CANTCREAT = 73  # sysexits.h: the data directory cannot be written
 EX_UNAVAILABLE = 69  # sysexits.h: the chosen executor cannot run here
 EX_NOPERM = 77  # sysexits.h: the orchestrator failed the CA pin
 
@@ -163,8 +166,13 @@ class Driver:
                 return EX_CONFIG
             log.info("metrics listening", addr=s.metrics_addr, port=self._health.port)
         self.notifier.status(f"starting executor {s.executor}")
-        self.store = ResultStore(s.data_dir / "results.sqlite3", s.result_retention_s,
-                                 s.result_max_rows)
+        try:
+            self.store = ResultStore(s.data_dir / "results.sqlite3", s.result_retention_s,
+                                     s.result_max_rows)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("cannot open the result store; set data_dir to a writable directory",
+                      path=str(s.data_dir / "results.sqlite3"), reason=str(exc))
+            return EX_CANTCREAT
         interrupted = self.store.recover_interrupted()
         if interrupted:
             log.warning("jobs interrupted by the last stop are answered as failed",
@@ -195,6 +203,7 @@ class Driver:
                  precision=caps.precision)
         self._runner = asyncio.create_task(self._run_jobs(), name="job-runner")
         self._background.append(asyncio.create_task(self._calibration_schedule()))
+        self._background.append(asyncio.create_task(self._prune_store()))
         self.notifier.status("executor ready; registering with the orchestrator")
         return 0
 
@@ -658,6 +667,14 @@ class Driver:
         self._transient.append(Envelope(EventType.HEARTBEAT, self.heartbeat()))
         self.metrics.heartbeats.inc()
         self._flush.set()
+
+    async def _prune_store(self) -> None:
+        assert self.store is not None
+        while True:
+            gone = self.store.prune()
+            if gone:
+                log.info("pruned delivered results past retention", rows=gone)
+            await asyncio.sleep(PRUNE_EVERY_S)
 
     async def _calibration_schedule(self) -> None:
         while True:
