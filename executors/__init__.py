@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "qpi_driver.executors"
 BUILTIN: dict[str, str] = {
     "aer": "executors.aer:AerExecutor",
     "gpu": "executors.gpu:GpuExecutor",
+    "qibolab": "executors.qibolab:QibolabExecutor",
 }
 
 

@@ -19,6 +19,7 @@ from executors.base import (
     JobResult,
     circuit_header,
 )
+from executors.noise import NoiseProfile
 
 if TYPE_CHECKING:
     from qiskit.circuit import QuantumCircuit
@@ -30,7 +31,9 @@ _ALWAYS_RUNNABLE = frozenset({"barrier", "measure", "reset", "delay"})
 class AerExecutor(Executor):
     """Options: `method` (Aer simulation method, default "automatic"), `seed`
     (fixes the sampler for reproducible counts), `precision` ("double"/"single"),
-    `max_qubits`, `max_shots`, `max_parallel_threads`."""
+    `max_qubits`, `max_shots`, `max_parallel_threads`, `noise_calibration` (a
+    calibration snapshot or qibocal calibration.json: Aer then runs as a noisy digital
+    twin of that QPU, on its native gates and coupling map, with at most its qubits)."""
 
     name = "aer"
 
@@ -47,9 +50,15 @@ class AerExecutor(Executor):
             sim_options["seed_simulator"] = int(opts["seed"])
         if opts.get("max_parallel_threads") is not None:
             sim_options["max_parallel_threads"] = int(opts["max_parallel_threads"])
+        self._noise: NoiseProfile | None = None
+        if opts.get("noise_calibration"):
+            self._noise = NoiseProfile.load(str(opts["noise_calibration"]))
+            sim_options["noise_model"] = self._noise.model
         self._sim = AerSimulator(**sim_options)
         self._runnable = frozenset(self._sim.target.operation_names) | _ALWAYS_RUNNABLE
-        self._max_qubits = int(opts.get("max_qubits", self._sim.configuration().n_qubits))
+        default_qubits = (self._noise.figures.num_qubits if self._noise is not None
+                          else self._sim.configuration().n_qubits)
+        self._max_qubits = int(opts.get("max_qubits", default_qubits))
         self._max_shots = int(opts.get("max_shots", 1_000_000))
 
     def capabilities(self) -> Capabilities:
@@ -59,8 +68,19 @@ class AerExecutor(Executor):
             basis_gates=tuple(sorted(self._runnable)),
             precision=str(self._sim.options.precision),
             device="cpu",
-            extra={"method": str(self._sim.options.method), "meas_levels": [2]},
+            extra={"method": str(self._sim.options.method), "meas_levels": [2],
+                   **({"noise": self._noise.calibration()} if self._noise is not None else {})},
         )
+
+    def calibration(self) -> dict[str, Any] | None:
+        """With `noise_calibration`: the figures the noise model was built from, reread
+        (and the model rebuilt) when the file changes; a file that stops parsing keeps
+        the last good model and says why under `errors`."""
+        if self._noise is None:
+            return None
+        if self._noise.refresh():
+            self._sim.set_options(noise_model=self._noise.model)
+        return self._noise.calibration()
 
     def run(self, job: Job) -> JobResult:
         return self._run_jobs([job])[0]
@@ -106,6 +126,8 @@ class AerExecutor(Executor):
         ]
 
     def _runnable_form(self, circuit: QuantumCircuit) -> QuantumCircuit:
+        if self._noise is not None:  # a twin runs what the QPU would, SWAPs included
+            return self._noise.native_form(circuit)
         # transpile() costs 100-200 ms; Aer runs standard gates as they are.
         if all(name in self._runnable for name in circuit.count_ops()):
             return circuit
