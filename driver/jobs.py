@@ -66,9 +66,9 @@ def read_spec(job: Any, limits: Limits) -> JobSpec:
     if isinstance(job, str | bytes):
         try:
             job = json.loads(job)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise JobError(
-                ErrorCode.CIRCUIT_INVALID, f"job payload is not valid JSON: {exc}"
+                ErrorCode.CIRCUIT_INVALID, f"job payload is not valid JSON: {exc!s:.200}"
             ) from None
     if not isinstance(job, dict):
         raise JobError(

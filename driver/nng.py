@@ -70,7 +70,7 @@ class AsyncSocket:
     async def recv(self) -> bytes:
         while True:
             try:
-                return self.sock.recv(block=False)
+                return self.sock.recv_msg(block=False).bytes  # recv() fails on b""
             except pynng.TryAgain:
                 pass
             except pynng.Closed:

@@ -215,9 +215,10 @@ class LocalOrchestrator:
                 )
                 try:
                     await push.send(encode(env, self._negotiated))
-                except SocketClosed:
+                except (SocketClosed, asyncio.CancelledError):
+                    # Stopped while waiting for a driver: the job goes out after a restart.
                     self._pending.appendleft(job_id)
-                    return
+                    raise
                 record.dispatches += 1
                 if record.status == "pending":
                     record.status = "queued"

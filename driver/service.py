@@ -34,7 +34,7 @@ from driver.settings import EX_CONFIG, Settings
 from driver.store import ResultStore
 from driver.tls import FingerprintMismatch
 from driver.wire import Envelope, EventType, FrameError, decode, encode, now_iso
-from driver.worker import Worker, WorkerDied, WorkerStartFailed, WorkItem
+from driver.worker import Worker, WorkerDied, WorkerGone, WorkerStartFailed, WorkItem
 from executors.base import ErrorCode, JobError
 
 _INBOUND = frozenset({EventType.JOB_DISPATCH, EventType.JOB_CANCEL, EventType.QPU_STATE,
@@ -378,7 +378,15 @@ class Driver:
                         continue
                     env = Envelope(EventType.JOB_RESULT, {"job_id": job_id, "results": results},
                                    driver=name)
-                    await link.push.send(encode(env, fmt))
+                    try:
+                        frame = encode(env, fmt)
+                    except (TypeError, ValueError, OverflowError) as exc:
+                        # The store sanitises results, so this is a bug; never stall the outbox.
+                        log.error("result cannot be encoded; dropped", job_id=job_id,
+                                  reason=str(exc))
+                        self._outbox.pop(job_id, None)
+                        continue
+                    await link.push.send(frame)
                     # With acks a result stays owed (on disk) until its ResultAck arrives.
                     self._outbox.pop(job_id, None)
                     sent.append(job_id)
@@ -397,6 +405,9 @@ class Driver:
             self.metrics.malformed.inc()
             self.counters["malformed_frames"] += 1
             log.warning("malformed frame dropped", reason=str(exc), size=len(frame))
+            if exc.job_id is not None:  # protocol §6: answer when a job_id can be read
+                self._on_dispatch({"job_id": exc.job_id},
+                                  JobError(ErrorCode.CIRCUIT_INVALID, f"job rejected: {exc}"))
             return
         known = env.type in _INBOUND
         self.metrics.frames.labels(env.type if known else "unknown").inc()
@@ -418,9 +429,9 @@ class Driver:
         except Exception:  # a bug in one handler must not stop the receive loop
             log.exception("event handler failed", type=env.type[:80])
 
-    def _on_dispatch(self, payload: dict[str, Any]) -> None:
+    def _on_dispatch(self, payload: dict[str, Any], rejected: JobError | None = None) -> None:
         job_id = payload.get("job_id")
-        if not isinstance(job_id, str) or not job_id or len(job_id) > 256:
+        if not isinstance(job_id, str) or not job_id or len(job_id) > 256 or not _utf8(job_id):
             log.warning("JobDispatch without a usable job_id dropped", job_id=repr(job_id)[:80])
             return
         if job_id in self._queued or job_id in self._running:
@@ -438,6 +449,8 @@ class Driver:
                 self._flush.set()
             return
         try:
+            if rejected is not None:
+                raise rejected
             if self.disabled:
                 raise JobError(ErrorCode.QPU_DISABLED, "this QPU is disabled by the orchestrator; "
                                "the job was not run")
@@ -503,7 +516,13 @@ class Driver:
             self._status_changed()
             announce = asyncio.get_running_loop().call_later(
                 RUNNING_STATUS_AFTER_S, self._announce_running, batch)
-            outcomes = await self._execute(batch)
+            try:
+                outcomes = await self._execute(batch)
+            except Exception as exc:  # a bug here must cost this batch, not the runner
+                log.exception("running a batch failed", jobs=[i.job_id for i in batch])
+                failed = JobError(ErrorCode.JOB_FAILED, f"the driver failed to run this job: "
+                                  f"{type(exc).__name__}: {exc!s:.300}")
+                outcomes = [failed.to_result()] * len(batch)
             announce.cancel()
             self.metrics.execution.observe(time.monotonic() - self._batch_started)
             self._finish([(item.job_id, res) for item, res in zip(batch, outcomes, strict=True)])
@@ -522,7 +541,13 @@ class Driver:
         timeout = min(own, self.settings.job_timeout_s) if own else self.settings.job_timeout_s
         items = [WorkItem(item.job_id, item.spec) for item in batch]
         try:
-            return await asyncio.wait_for(self.worker.run(items, self.limits), timeout)
+            try:
+                return await asyncio.wait_for(self.worker.run(items, self.limits), timeout)
+            except WorkerGone as exc:
+                # It died while idle: nothing of this batch ran, so it may run now.
+                log.warning("executor died while idle; restarting it", reason=exc.reason)
+                await self._restart_worker()
+                return await asyncio.wait_for(self.worker.run(items, self.limits), timeout)
         except TimeoutError:
             log.error("job timed out: restarting the executor", jobs=[i.job_id for i in batch],
                       timeout_s=timeout)
@@ -568,7 +593,7 @@ class Driver:
     def _finish(self, results: list[tuple[str, dict[str, Any]]]) -> None:
         """Store first, then send: a result is never only in memory."""
         assert self.store is not None
-        self.store.finish(results)
+        results = self.store.finish(results)
         for job_id, res in results:
             self._outbox[job_id] = res
             if job_id not in self._running:  # answered without running: count it here
@@ -710,3 +735,11 @@ class Driver:
 
 def _iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else now_iso()
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # lone surrogates: cannot be stored or answered
+        return False
+    return True

@@ -71,16 +71,29 @@ class ResultStore:
                 [(job_id, now) for job_id in job_ids],
             )
 
-    def finish(self, results: Iterable[tuple[str, dict[str, Any]]]) -> None:
+    def finish(
+        self, results: Iterable[tuple[str, dict[str, Any]]]
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Store results; returns them as stored (made encodable where they were not)."""
         now = time.time()
+        stored, rows = [], []
+        for job_id, res in results:
+            try:
+                blob = msgpack.packb(res)
+            except (OverflowError, TypeError, ValueError):
+                res = _encodable(res)  # e.g. a 2**70 echoed back from a hostile job
+                blob = msgpack.packb(res)
+            stored.append((job_id, res))
+            rows.append((job_id, blob, now, now))
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
                 "INSERT INTO jobs (job_id, state, result, started, finished) "
                 "VALUES (?, 'done', ?, ?, ?) ON CONFLICT(job_id) DO UPDATE SET "
                 "state='done', result=excluded.result, finished=excluded.finished",
-                [(job_id, msgpack.packb(res), now, now) for job_id, res in results],
+                rows,
             )
+        return stored
 
     def state(self, job_id: str) -> tuple[str, dict[str, Any] | None] | None:
         row = self._db.execute(
@@ -126,3 +139,16 @@ class ResultStore:
 
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+
+def _encodable(value: Any) -> Any:
+    """What msgpack and JSON can both carry: huge ints and odd objects become text."""
+    if value is None or isinstance(value, bool | float | str):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**63 else str(value)
+    if isinstance(value, dict):
+        return {str(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(v) for v in value]
+    return str(value)

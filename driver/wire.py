@@ -26,7 +26,12 @@ class EventType:
 
 
 class FrameError(ValueError):
-    """A frame that is not a well-formed envelope; logged, never fatal."""
+    """A frame that is not a well-formed envelope; logged, never fatal. `job_id` is
+    set when a JobDispatch was readable enough to be answered."""
+
+    def __init__(self, message: str, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 @dataclass(slots=True)
@@ -78,7 +83,11 @@ def decode(frame: bytes, max_depth: int = 32) -> Envelope:
     if not isinstance(raw, dict):
         raise FrameError(f"{fmt} frame is not a map")
     if _depth(raw, max_depth) > max_depth:
-        raise FrameError(f"{fmt} frame nested deeper than {max_depth} levels")
+        payload = raw.get("payload")
+        job_id = payload.get("job_id") if isinstance(payload, dict) else None
+        readable = raw.get("type") == EventType.JOB_DISPATCH and isinstance(job_id, str)
+        raise FrameError(f"{fmt} frame nested deeper than {max_depth} levels",
+                         job_id if readable else None)
     kind = raw.get("type")
     if not isinstance(kind, str) or not kind:
         raise FrameError("envelope has no 'type'")

@@ -34,6 +34,10 @@ class WorkerDied(Exception):
         self.reason = reason
 
 
+class WorkerGone(WorkerDied):
+    """The child was already dead when a batch was handed over: the batch never started."""
+
+
 def _child(conn: multiprocessing.connection.Connection, name: str, options: dict[str, Any],
            version: str) -> None:
     """Child process main: build the executor once, then serve batches."""
@@ -75,6 +79,9 @@ def run_batch(executor: Any, name: str, version: str, items: list[WorkItem],
             ready.append((i, prepare(item.job_id, item.spec, limits)))
         except JobError as exc:
             outcomes[i] = exc.to_result()
+        except Exception as exc:  # Qiskit refusing what validation let through: this job's fault
+            outcomes[i] = JobError(ErrorCode.CIRCUIT_INVALID,
+                                   f"{type(exc).__name__}: {exc!s:.500}").to_result()
     if ready:
         try:
             results = executor.run_many([job for _, job in ready])
@@ -125,8 +132,12 @@ class Worker:
         await self.start()
 
     async def run(self, items: list[WorkItem], limits: Limits) -> list[dict[str, Any]]:
-        assert self._conn is not None
-        self._conn.send(("run", items, limits))
+        if self._conn is None or self.process is None or not self.process.is_alive():
+            raise WorkerGone(self._death())
+        try:
+            self._conn.send(("run", items, limits))
+        except OSError:  # it died between the check and the send
+            raise WorkerGone(self._death()) from None
         reply = await self._receive()
         self.fault = reply[2]
         return list(reply[1])

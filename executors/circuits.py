@@ -3,6 +3,7 @@ and parameter binding in the order Qiskit sorts parameters."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from functools import lru_cache
@@ -113,6 +114,8 @@ def bind(circuit: QuantumCircuit, values: Sequence[float] | None) -> QuantumCirc
     if not len(params):
         # qpi-client binds parameters itself and still sends the values it used.
         return circuit
+    if not all(math.isfinite(v) for v in values):
+        raise CircuitError("parameter_values must be finite numbers (no NaN or infinity)")
     if len(values) != len(params):
         names = ", ".join(p.name for p in params)
         raise CircuitError(
