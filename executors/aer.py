@@ -24,6 +24,9 @@ from executors.noise import NoiseProfile
 if TYPE_CHECKING:
     from qiskit.circuit import QuantumCircuit
 
+# Below Aer's statevector_parallel_threshold a circuit gains nothing from threads.
+_SMALL_QUBITS = 14
+
 # Instructions Aer runs without help but leaves out of its target.
 _ALWAYS_RUNNABLE = frozenset({"barrier", "measure", "reset", "delay"})
 
@@ -48,7 +51,8 @@ class AerExecutor(Executor):
         }
         if opts.get("seed") is not None:
             sim_options["seed_simulator"] = int(opts["seed"])
-        if opts.get("max_parallel_threads") is not None:
+        self._threads_unset = opts.get("max_parallel_threads") is None
+        if not self._threads_unset:
             sim_options["max_parallel_threads"] = int(opts["max_parallel_threads"])
         self._noise: NoiseProfile | None = None
         if opts.get("noise_calibration"):
@@ -136,8 +140,15 @@ class AerExecutor(Executor):
         return transpile(circuit, self._sim, optimization_level=0)
 
     def _execute(self, circuits: list[QuantumCircuit], shots: int, memory: bool) -> list[Any]:
+        run_options: dict[str, Any] = {}
+        small = max(c.num_qubits for c in circuits) < _SMALL_QUBITS
+        if self._threads_unset and small and len(circuits) > 1:
+            # A batch of small circuits is throughput work: Aer's OpenMP threads would
+            # spin-wait for more CPU than they save, taking it from the daemon. A lone
+            # circuit keeps them: there they shorten the job's latency.
+            run_options["max_parallel_threads"] = 1
         try:
-            result = self._sim.run(circuits, shots=shots, memory=memory).result()
+            result = self._sim.run(circuits, shots=shots, memory=memory, **run_options).result()
         except Exception as exc:  # Aer raises AerError, ValueError, RuntimeError, ...
             raise JobError(ErrorCode.JOB_FAILED, f"Aer could not run the job: {exc}") from exc
         out = []
