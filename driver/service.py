@@ -43,7 +43,8 @@ _INBOUND = frozenset({EventType.JOB_DISPATCH, EventType.JOB_CANCEL, EventType.QP
 RUNNING_STATUS_AFTER_S = 0.05  # JobStatus "running" only for jobs that last
 HEARTBEAT_SPACING_S = 0.25
 FAULT_RETRY_S = 5.0
-PRUNE_EVERY_S = 600.0  # at most four status-change heartbeats a second
+PRUNE_EVERY_S = 600.0
+DELIVERY_MARK_DELAY_S = 0.5  # at most four status-change heartbeats a second
 
 EX_CANTCREAT = 73  # sysexits.h: the data directory cannot be written
 EX_UNAVAILABLE = 69  # sysexits.h: the chosen executor cannot run here
@@ -115,6 +116,8 @@ class Driver:
         self._queued: dict[str, QueuedJob] = {}
         self._running: dict[str, QueuedJob] = {}
         self._outbox: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._delivered: list[str] = []  # handed to a pipe, not yet marked in the store
+        self._mark_later: asyncio.TimerHandle | None = None
         self._transient: deque[Envelope] = deque(maxlen=256)
         self._flush = asyncio.Event()
         self._link: Link | None = None
@@ -251,6 +254,10 @@ class Driver:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
         await self.worker.stop()
+        if self._mark_later is not None:
+            self._mark_later.cancel()
+        if self.store is not None:
+            self._mark_delivered()
         owed = len(self.store.undelivered(self._acks)) if self.store is not None else 0
         if self.store is not None:
             self.store.close()
@@ -366,7 +373,6 @@ class Driver:
         while True:
             await self._flush.wait()
             self._flush.clear()
-            sent: list[str] = []
             try:
                 while self._transient:
                     env = self._transient.popleft()
@@ -389,12 +395,14 @@ class Driver:
                     await link.push.send(frame)
                     # With acks a result stays owed (on disk) until its ResultAck arrives.
                     self._outbox.pop(job_id, None)
-                    sent.append(job_id)
+                    if not self._acks:
+                        self._delivered.append(job_id)
             except SocketClosed:
                 return
-            finally:
-                if sent and not self._acks:
-                    self.store.mark_delivered(sent)
+            if self._delivered and self._mark_later is None:
+                # The next result write takes the marks along; if none comes, write them soon.
+                self._mark_later = asyncio.get_running_loop().call_later(
+                    DELIVERY_MARK_DELAY_S, self._mark_delivered)
 
     # -- inbound events ---------------------------------------------------------------
 
@@ -590,10 +598,20 @@ class Driver:
 
     # -- outbound ---------------------------------------------------------------------
 
+    def _mark_delivered(self) -> None:
+        assert self.store is not None
+        self._mark_later = None
+        if self._delivered:
+            self.store.mark_delivered(self._delivered)
+            self._delivered.clear()
+
     def _finish(self, results: list[tuple[str, dict[str, Any]]]) -> None:
         """Store first, then send: a result is never only in memory."""
         assert self.store is not None
-        results = self.store.finish(results)
+        # Delivery marks ride along with the next write: after a crash, a result handed
+        # over but not yet marked is sent once more, which the protocol allows.
+        results = self.store.finish(results, delivered=self._delivered)
+        self._delivered.clear()
         for job_id, res in results:
             self._outbox[job_id] = res
             if job_id not in self._running:  # answered without running: count it here

@@ -72,9 +72,10 @@ class ResultStore:
             )
 
     def finish(
-        self, results: Iterable[tuple[str, dict[str, Any]]]
+        self, results: Iterable[tuple[str, dict[str, Any]]], delivered: Iterable[str] = ()
     ) -> list[tuple[str, dict[str, Any]]]:
-        """Store results; returns them as stored (made encodable where they were not)."""
+        """Store results (and, in the same transaction, earlier deliveries); returns the
+        results as stored, made encodable where they were not."""
         now = time.time()
         stored, rows = [], []
         for job_id, res in results:
@@ -93,6 +94,8 @@ class ResultStore:
                 "state='done', result=excluded.result, finished=excluded.finished",
                 rows,
             )
+            self._db.executemany("UPDATE jobs SET delivered=1 WHERE job_id=?",
+                                 [(j,) for j in delivered])
         return stored
 
     def state(self, job_id: str) -> tuple[str, dict[str, Any] | None] | None:
