@@ -17,10 +17,9 @@ from executors.aer import AerExecutor
 from executors.base import Experiment, Job
 from executors.circuits import parse_qasm
 from executors.noise import CalibrationFileError
+from tests.circuits import BELL
 from tests.conftest import daemon_env, start_daemon, wait_for
 
-BELL = 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nh q[0];\ncx q[0],q[1];\n' \
-    "measure q -> c;\n"
 SHOTS = 20_000
 
 GOOD: dict[str, Any] = {"t1": 80_000.0, "t2": 60_000.0, "rb": 0.9995, "readout": 0.99, "cz": 0.995}

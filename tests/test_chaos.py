@@ -20,17 +20,10 @@ import pytest
 
 from driver.orchestrator import FINAL, JobRecord, LocalOrchestrator
 from driver.wire import EventType
+from tests.circuits import BELL
 from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
 
 COUNTING = "tests.executors_for_tests:CountingExecutor"
-BELL = """OPENQASM 2.0;
-include "qelib1.inc";
-qreg q[2];
-creg c[2];
-h q[0];
-cx q[0],q[1];
-measure q -> c;
-"""
 JOBS = 300
 SHOTS = 32
 RESTARTS = 6  # orchestrator NNG restarts at random moments (plus one inside a kill window)

@@ -7,9 +7,8 @@ from collections import Counter
 from typing import Any
 
 from driver.orchestrator import LocalOrchestrator
-from tests.conftest import ROOT, Daemon
-
-BELL_QASM2 = (ROOT / "examples/bell2.qasm").read_text()
+from tests.circuits import BELL, SWEEP_QASM3
+from tests.conftest import Daemon
 
 GHZ_QASM3 = """OPENQASM 3.0;
 include "stdgates.inc";
@@ -22,14 +21,6 @@ cx q[2], q[3];
 c = measure q;
 """
 
-SWEEP_QASM3 = """OPENQASM 3.0;
-include "stdgates.inc";
-input float theta;
-qubit[1] q;
-bit[1] c;
-rx(theta) q[0];
-c[0] = measure q[0];
-"""
 
 
 async def run_job(orch: LocalOrchestrator, job: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +40,7 @@ async def test_bell_counts_match_exact_probabilities(
     orchestrator: LocalOrchestrator, daemon: Daemon
 ) -> None:
     shots = 4000
-    res = await run_job(orchestrator, {"circuits": [BELL_QASM2], "shots": shots})
+    res = await run_job(orchestrator, {"circuits": [BELL], "shots": shots})
     assert res["success"] is True and res["backend"] == "aer"
     counts = res["counts"]
     assert set(counts) <= {"00", "11"}
@@ -85,7 +76,7 @@ async def test_two_circuits_with_their_own_shots_and_memory(
 ) -> None:
     res = await run_job(orchestrator, {
         "circuits": [
-            {"circuit": BELL_QASM2, "shots": 100},
+            {"circuit": BELL, "shots": 100},
             {"circuit": GHZ_QASM3, "shots": 333, "memory": True},
         ],
         "shots": 10,
@@ -122,12 +113,12 @@ measure q[2] -> b[1];
 async def test_invalid_circuit_names_index_line_and_column_then_serves_next(
     orchestrator: LocalOrchestrator, daemon: Daemon
 ) -> None:
-    bad = BELL_QASM2.replace("cx q[0],q[1];", "cx q[0],q[1]\nh q[1];")
-    res = await run_job(orchestrator, {"circuits": [BELL_QASM2, bad]})
+    bad = BELL.replace("cx q[0],q[1];", "cx q[0],q[1]\nh q[1];")
+    res = await run_job(orchestrator, {"circuits": [BELL, bad]})
     assert res["error_code"] == "CIRCUIT_INVALID"
     assert res["circuit_index"] == 1 and res["line"] == 7 and res["column"] >= 1
     assert "circuit 1" in res["error"] and "line 7" in res["error"]
-    ok = await run_job(orchestrator, {"circuits": [BELL_QASM2], "shots": 50})
+    ok = await run_job(orchestrator, {"circuits": [BELL], "shots": 50})
     assert ok["success"] is True
 
 
@@ -142,7 +133,7 @@ async def test_bad_jobs_are_answered_with_errors(
         "OPENQASM 2.0;\ninclude \"qelib1.inc\";\nqreg q[40];\ncreg c[40];\nmeasure q -> c;\n"]})
     assert too_big["error_code"] == "QUOTA_EXCEEDED"
     assert too_big["requested_qubits"] == 40 and too_big["max_qubits"] < 40
-    legacy = await run_job(orchestrator, {"qasm": BELL_QASM2, "shots": 20})
+    legacy = await run_job(orchestrator, {"qasm": BELL, "shots": 20})
     assert sum(legacy["counts"].values()) == 20
 
 
@@ -152,7 +143,7 @@ async def test_malformed_frames_and_unknown_events_are_not_fatal(
     await orchestrator.send_raw(b"\x00garbage")
     await orchestrator.send_raw(b"{not json")
     await orchestrator.send_event("SomethingNew", {"x": 1})
-    await orchestrator.send_event("JobDispatch", {"payload": {"circuits": [BELL_QASM2]}})
-    res = await run_job(orchestrator, {"circuits": [BELL_QASM2], "shots": 10})
+    await orchestrator.send_event("JobDispatch", {"payload": {"circuits": [BELL]}})
+    res = await run_job(orchestrator, {"circuits": [BELL], "shots": 10})
     assert res["success"] is True
     assert daemon.proc.poll() is None

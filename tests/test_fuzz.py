@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from driver.orchestrator import LocalOrchestrator
 from driver.wire import EventType
+from tests.circuits import BELL, SWEEP_QASM3
 from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
 
 BATCHES = 200
@@ -31,14 +32,6 @@ FRAMES_PER_BATCH = 50  # 10,000 fuzz frames in all, plus the probes
 MAX_RSS_GROWTH_KB = 150 * 1024
 MAX_JOB_ID = 256  # the daemon's documented cap on a usable job_id (service._on_dispatch)
 
-BELL = """OPENQASM 2.0;
-include "qelib1.inc";
-qreg q[2];
-creg c[2];
-h q[0];
-cx q[0],q[1];
-measure q -> c;
-"""
 GHZ3 = """OPENQASM 3.0;
 include "stdgates.inc";
 qubit[3] q;
@@ -47,14 +40,6 @@ h q[0];
 cx q[0], q[1];
 cx q[1], q[2];
 c = measure q;
-"""
-SWEEP = """OPENQASM 3.0;
-include "stdgates.inc";
-input float theta;
-qubit[1] q;
-bit[1] c;
-rx(theta) q[0];
-c[0] = measure q[0];
 """
 NAN, INF = math.nan, math.inf
 
@@ -142,7 +127,7 @@ circuit_entries = st.sampled_from([
     GHZ3,
     {"circuit": BELL, "shots": 7},
     {"circuit": BELL, "memory": True},
-    {"circuit": SWEEP, "parameter_values": [[0.1], [2.0]]},
+    {"circuit": SWEEP_QASM3, "parameter_values": [[0.1], [2.0]]},
 ])
 bad_parameter_values = st.sampled_from([
     [[NAN]], [[INF]], [[-INF]], [["a"]], [[]], [[1e308, -1e308]], [[0.1]] * 20, "x", [0.5],
@@ -181,14 +166,14 @@ def dispatches(draw: st.DrawFn) -> bytes:
     elif kind == "circuits":
         job["circuits"] = draw(bad_circuits)
     elif kind == "parameter_values":
-        job["circuits"] = [{"circuit": SWEEP, "parameter_values": draw(bad_parameter_values)}]
+        job["circuits"] = [{"circuit": SWEEP_QASM3, "parameter_values": draw(bad_parameter_values)}]
     elif kind == "field":
         job[draw(st.sampled_from(FIELDS))] = draw(trees)
     elif kind == "deep":
         depth, in_maps = draw(st.integers(20, 120)), draw(st.booleans())
         where = draw(st.sampled_from(["circuits", "parameter_values", "extra"]))
         if where == "parameter_values":
-            job["circuits"] = [{"circuit": SWEEP,
+            job["circuits"] = [{"circuit": SWEEP_QASM3,
                                 "parameter_values": nest([[0.5]], depth, in_maps)}]
         else:
             job[where] = nest(job.get(where, 1), depth, in_maps)
@@ -387,7 +372,7 @@ HOSTILE = {
     # Qiskit refuses to bind NaN with a RuntimeError in the worker, not a CircuitError.
     "NaN parameter": (
         encode(envelope(EventType.JOB_DISPATCH, {"job_id": "h-nan", "payload": {
-            "circuits": [{"circuit": SWEEP, "parameter_values": [[NAN]]}], "shots": 10}}),
+            "circuits": [{"circuit": SWEEP_QASM3, "parameter_values": [[NAN]]}], "shots": 10}}),
             "json"),
         "h-nan", {"CIRCUIT_INVALID", "JOB_FAILED"}),
     # The job as JSON text (protocol §5) nested past the recursion limit.
@@ -398,7 +383,7 @@ HOSTILE = {
     # A readable job_id beside a job nested deeper than the daemon's frame depth cap.
     "deep job map": (
         encode(envelope(EventType.JOB_DISPATCH, {"job_id": "h-deep", "payload": {
-            "circuits": [{"circuit": SWEEP, "parameter_values": nest([[0.5]], 40, False)}],
+            "circuits": [{"circuit": SWEEP_QASM3, "parameter_values": nest([[0.5]], 40, False)}],
             "shots": 10}}), "msgpack"),
         "h-deep", {"CIRCUIT_INVALID", "QUOTA_EXCEEDED"}),
 }

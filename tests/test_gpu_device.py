@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from qiskit import QuantumCircuit
-from qiskit.circuit import ClassicalRegister, Parameter, QuantumRegister
+from qiskit.circuit import ClassicalRegister, Parameter
 from qiskit.circuit.library import UnitaryGate
 from qiskit.quantum_info import Statevector, random_unitary
 from qiskit_aer import AerSimulator
@@ -19,6 +19,7 @@ from scipy import stats
 from executors import ExecutorUnavailable
 from executors.base import ErrorCode, Experiment, Job, JobError
 from executors.gpu.executor import GpuExecutor
+from tests.circuits import teleport
 
 pytestmark = pytest.mark.gpu
 
@@ -139,26 +140,6 @@ def test_wide_sampler_marginals_match_exact(gpu: GpuExecutor) -> None:
         value = int(key[-4:], 2)
         low[value] = low.get(value, 0) + count
     assert chi_square(low, probs, shots) > 1e-6
-
-
-def teleport(theta: float) -> QuantumCircuit:
-    q = QuantumRegister(3, "q")
-    m = ClassicalRegister(2, "m")
-    out = ClassicalRegister(1, "out")
-    qc = QuantumCircuit(q, m, out)
-    qc.ry(theta, 0)
-    qc.h(1)
-    qc.cx(1, 2)
-    qc.cx(0, 1)
-    qc.h(0)
-    qc.measure(0, m[0])
-    qc.measure(1, m[1])
-    with qc.if_test((m[1], 1)):
-        qc.x(2)
-    with qc.if_test((m[0], 1)):
-        qc.z(2)
-    qc.measure(2, out[0])
-    return qc
 
 
 def dynamic_wide(n: int) -> QuantumCircuit:

@@ -32,6 +32,7 @@ from executors.base import ErrorCode, Experiment, Job, JobError
 from executors.gpu import runner
 from executors.gpu.executor import GpuExecutor
 from executors.gpu.reference import apply_dense, apply_diagonal
+from tests.circuits import teleport
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -307,26 +308,6 @@ def test_sampler_path_matches_exact_probabilities(monkeypatch: pytest.MonkeyPatc
 
 
 # --- mid-circuit measurement, reset, classical control ----------------------------------------
-
-
-def teleport(theta: float) -> QuantumCircuit:
-    q = QuantumRegister(3, "q")
-    m = ClassicalRegister(2, "m")
-    out = ClassicalRegister(1, "out")
-    qc = QuantumCircuit(q, m, out)
-    qc.ry(theta, 0)
-    qc.h(1)
-    qc.cx(1, 2)
-    qc.cx(0, 1)
-    qc.h(0)
-    qc.measure(0, m[0])
-    qc.measure(1, m[1])
-    with qc.if_test((m[1], 1)):
-        qc.x(2)
-    with qc.if_test((m[0], 1)):
-        qc.z(2)
-    qc.measure(2, out[0])
-    return qc
 
 
 def dynamic_suite() -> list[QuantumCircuit]:

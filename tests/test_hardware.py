@@ -30,10 +30,9 @@ from executors.base import ErrorCode, Experiment, Job, JobError
 from executors.circuits import parse_qasm
 from executors.qibolab import QibolabExecutor
 from executors.qibolab.executor import BUNDLED_PLATFORMS
+from tests.circuits import BELL
 from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
 
-BELL = 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nh q[0];\ncx q[0],q[1];\n' \
-    "measure q -> c;\n"
 X_QASM3 = 'OPENQASM 3.0;\ninclude "stdgates.inc";\nqubit[2] q;\nbit[2] c;\nx q[0];\n' \
     "c = measure q;\n"
 # Clbit 1 is never written, so its column must be all zeros wherever it sits.

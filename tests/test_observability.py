@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from driver.orchestrator import LocalOrchestrator
 from driver.wire import EventType
-from tests.conftest import ROOT, Daemon, daemon_env, start_daemon, wait_for
+from tests.circuits import BELL
+from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
 
-BELL = (ROOT / "examples/bell2.qasm").read_text()
 SLOW = "tests.executors_for_tests:CountingExecutor"  # Aer that sleeps on `// sleep S`
 HEARTBEAT_FIELDS = {"status", "executor", "queue_depth", "running_job", "counters", "uptime_s",
                     "version", "capabilities", "calibration"}

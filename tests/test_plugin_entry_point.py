@@ -18,11 +18,10 @@ import pytest
 
 from driver.orchestrator import LocalOrchestrator
 from driver.wire import EventType
+from tests.circuits import BELL
 from tests.conftest import ROOT, daemon_env, start_daemon, wait_for
 
 GUIDE = ROOT / "docs" / "executors.md"
-BELL = 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nh q[0];\ncx q[0],q[1];\n' \
-    "measure q -> c;\n"
 REGISTERS = """OPENQASM 2.0;
 include "qelib1.inc";
 qreg q[3];

@@ -13,9 +13,9 @@ import pytest
 
 from driver.orchestrator import LocalOrchestrator
 from driver.wire import EventType, encode
-from tests.conftest import ROOT, Daemon, daemon_env, start_daemon, wait_for
+from tests.circuits import BELL
+from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
 
-BELL = (ROOT / "examples/bell2.qasm").read_text()
 COUNTING = "tests.executors_for_tests:CountingExecutor"
 
 

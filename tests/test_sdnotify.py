@@ -20,10 +20,8 @@ from pathlib import Path
 import pytest
 
 from driver.sdnotify import Notifier
+from tests.circuits import BELL
 from tests.conftest import Daemon, daemon_env, start_daemon
-
-BELL = 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[2];\ncreg c[2];\nh q[0];\ncx q[0],q[1];\n' \
-       "measure q -> c;\n"
 
 
 @dataclass
