@@ -456,19 +456,23 @@ class Driver:
                 self._outbox[job_id] = results
                 self._flush.set()
             return
+        refusal = None
+        if self.disabled:
+            refusal = JobError(ErrorCode.QPU_DISABLED, "this QPU is disabled by the "
+                               "orchestrator; the job was not run")
+        elif len(self._queue) >= self.settings.max_queued_jobs:
+            refusal = JobError(ErrorCode.QUOTA_EXCEEDED, f"the driver's queue is full "
+                               f"({self.settings.max_queued_jobs} jobs); retry later",
+                               queue_depth=len(self._queue))
+        if refusal is not None and rejected is None:
+            # Transient: not stored, so the same job_id dispatched again later can run.
+            self._outbox[job_id] = refusal.to_result()
+            self._count(self._outbox[job_id])
+            self._flush.set()
+            return
         try:
             if rejected is not None:
                 raise rejected
-            if self.disabled:
-                raise JobError(ErrorCode.QPU_DISABLED, "this QPU is disabled by the orchestrator; "
-                               "the job was not run")
-            if len(self._queue) >= self.settings.max_queued_jobs:
-                raise JobError(
-                    ErrorCode.QUOTA_EXCEEDED,
-                    f"the driver's queue is full ({self.settings.max_queued_jobs} jobs); "
-                    "retry later",
-                    queue_depth=len(self._queue),
-                )
             spec = read_spec(payload.get("payload"), self.limits)
         except JobError as exc:
             self._finish([(job_id, exc.to_result())])

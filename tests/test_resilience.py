@@ -170,11 +170,20 @@ async def test_disabled_qpu_refuses_jobs_until_enabled(
     d = await counting_daemon(tmp_path, orch)
     try:
         await orch.send_event(EventType.QPU_STATE, {"state": "disabled"})
-        refused = await finished(orch, {"circuits": [BELL]})
-        assert refused["error_code"] == "QPU_DISABLED"
+        record = orch.submit({"circuits": [BELL], "shots": 8})
+        await orch.result(record.id, timeout=60)
+        assert record.results is not None and record.results["error_code"] == "QPU_DISABLED"
         await orch.send_event(EventType.QPU_STATE, {"state": "online"})
         ok = await finished(orch, {"circuits": [BELL], "shots": 8})
         assert ok["success"] is True
+        # A refusal is not a stored result: the same job dispatched again now runs.
+        before = record.results_received
+        await orch.send_event(EventType.JOB_DISPATCH,
+                              {"job_id": record.id, "payload": record.payload})
+        await wait_for(lambda: record.results_received > before, what="the re-run")
+        rerun = [e.payload["results"] for e in orch.events
+                 if e.type == EventType.JOB_RESULT and e.payload.get("job_id") == record.id]
+        assert rerun[-1]["success"] is True
     finally:
         assert d.stop() == 0, d.output()
 
