@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     if warning:
         logs.get("qpi.driver").warning(warning)
     try:
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, lambda: _settings_from(args)))
     except KeyboardInterrupt:
         return 130
 
 
-async def serve(settings: Settings) -> int:
-    """Run the daemon; in local mode, with the embedded orchestrator beside it."""
+async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    """Run the daemon; in local mode, with the embedded orchestrator beside it. `reload`
+    rebuilds the settings from the same flags, environment and file (SIGHUP)."""
     from driver.orchestrator import LocalOrchestrator
     from driver.service import Driver
 
@@ -159,7 +161,7 @@ async def serve(settings: Settings) -> int:
             flush=True,
         )
     try:
-        return await Driver(settings).run()
+        return await Driver(settings, reload).run()
     finally:
         if orchestrator is not None:
             await orchestrator.stop()

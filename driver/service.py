@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from driver.registration import (
     sleep_or_exit,
 )
 from driver.sdnotify import Notifier
-from driver.settings import EX_CONFIG, Settings
+from driver.settings import EX_CONFIG, ConfigError, Settings
 from driver.store import ResultStore
 from driver.tls import FingerprintMismatch
 from driver.wire import Envelope, EventType, FrameError, decode, encode, now_iso
@@ -102,8 +103,10 @@ class Link:
 class Driver:
     """One daemon: `run()` is startup, main_loop (register, dial, serve), shutdown."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 reload_settings: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        self._reload_settings = reload_settings
         self.should_exit = asyncio.Event()
         self.worker = Worker(settings.executor, settings.executor_options, __version__)
         self.store: ResultStore | None = None
@@ -281,13 +284,13 @@ class Driver:
         self._beat()  # the orchestrator hears "draining" before the pipes close
 
     def handle_reload(self) -> None:
-        """SIGHUP: re-read the log settings and the executor's calibration."""
-        from driver.settings import ConfigError, load_settings
-
+        """SIGHUP: re-read the configuration for what can change live (logging), and
+        refresh the executor's calibration. The rest needs a restart."""
         self.notifier.reloading("reloading")
         self._calibration_due.set()
+        self._work.set()
         try:
-            fresh = load_settings({"log_format": self.settings.log_format})
+            fresh = self._reload_settings() if self._reload_settings else self.settings
             logs.configure(fresh.log_format, fresh.log_level)
         except ConfigError as exc:
             log.error("reload failed; keeping the running configuration", reason=str(exc))

@@ -260,3 +260,19 @@ async def test_token_never_appears_in_output_or_events(tmp_path: Path) -> None:
         assert token not in json.dumps(orch.last_heartbeat or {})
     finally:
         await orch.stop()
+
+
+async def test_sighup_rereads_the_config_file(tmp_path: Path, orch: LocalOrchestrator) -> None:
+    config = tmp_path / "driver.toml"
+    config.write_text('log_level = "info"\n')
+    d = start_daemon(tmp_path, daemon_env(tmp_path, orch), "--config", str(config))
+    try:
+        await wait_for(lambda: orch.online, what="connect")
+        config.write_text('log_level = "debug"\n')
+        d.proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: '"log_level": "debug", "event": "reloaded"' in d.output(),
+                       what="the reload")
+        ok = await finished(orch, {"circuits": [BELL], "shots": 8})
+        assert ok["success"] is True  # still serving
+    finally:
+        assert d.stop() == 0, d.output()
