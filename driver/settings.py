@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from driver.tls import normalise
+
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd units do not restart on it
 
 _config_file: ContextVar[Path | None] = ContextVar("qpi_config_file", default=None)
@@ -97,7 +99,7 @@ class Settings(BaseSettings):
     def _fingerprint(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        cleaned = value.replace(":", "").strip().lower()
+        cleaned = normalise(value)
         if len(cleaned) != 64 or any(c not in "0123456789abcdef" for c in cleaned):
             raise ValueError("must be a SHA-256 fingerprint: 64 hex digits, ':' separators allowed")
         return cleaned
@@ -216,8 +218,6 @@ def _sources(
 
 class ConfigError(Exception):
     """An invalid setting: one message naming the key and where it came from."""
-
-    exit_code = EX_CONFIG
 
 
 def load_settings(

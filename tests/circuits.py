@@ -8,6 +8,19 @@ from qiskit import ClassicalRegister, QuantumCircuit, QuantumRegister
 
 BELL = (Path(__file__).resolve().parent.parent / "examples/bell2.qasm").read_text()
 
+# Two registers, clbits written out of qubit order: a[0]=1, b[0]=0, b[1]=1 -> "101".
+REGISTERS = """OPENQASM 2.0;
+include "qelib1.inc";
+qreg q[3];
+creg a[1];
+creg b[2];
+x q[0];
+x q[2];
+measure q[0] -> a[0];
+measure q[1] -> b[0];
+measure q[2] -> b[1];
+"""
+
 SWEEP_QASM3 = """OPENQASM 3.0;
 include "stdgates.inc";
 input float theta;

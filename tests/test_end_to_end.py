@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from driver.orchestrator import LocalOrchestrator
-from tests.circuits import BELL, SWEEP_QASM3
+from tests.circuits import BELL, REGISTERS, SWEEP_QASM3
 from tests.conftest import Daemon
 
 GHZ_QASM3 = """OPENQASM 3.0;
@@ -93,18 +93,7 @@ async def test_two_circuits_with_their_own_shots_and_memory(
 async def test_register_bit_order_is_qiskits(
     orchestrator: LocalOrchestrator, daemon: Daemon
 ) -> None:
-    qasm = """OPENQASM 2.0;
-include "qelib1.inc";
-qreg q[3];
-creg a[1];
-creg b[2];
-x q[0];
-x q[2];
-measure q[0] -> a[0];
-measure q[1] -> b[0];
-measure q[2] -> b[1];
-"""
-    res = await run_job(orchestrator, {"circuits": [qasm], "shots": 10, "memory": True})
+    res = await run_job(orchestrator, {"circuits": [REGISTERS], "shots": 10, "memory": True})
     # Highest clbit left: b[1]=1 b[0]=0 a[0]=1.
     assert res["counts"] == {"101": 10}
     assert res["circuit_results"][0]["header"]["creg_sizes"] == [["a", 1], ["b", 2]]

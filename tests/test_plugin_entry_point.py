@@ -18,21 +18,10 @@ import pytest
 
 from driver.orchestrator import LocalOrchestrator
 from driver.wire import EventType
-from tests.circuits import BELL
+from tests.circuits import BELL, REGISTERS
 from tests.conftest import ROOT, daemon_env, start_daemon, wait_for
 
 GUIDE = ROOT / "docs" / "executors.md"
-REGISTERS = """OPENQASM 2.0;
-include "qelib1.inc";
-qreg q[3];
-creg a[1];
-creg b[2];
-x q[0];
-x q[2];
-measure q[0] -> a[0];
-measure q[1] -> b[0];
-measure q[2] -> b[1];
-"""
 
 
 def guide_block(language: str, first_line: str) -> str:

@@ -205,6 +205,19 @@ class GpuExecutor(Executor):
             state = self._backend.statevector()
         return state * np.exp(1j * phase)
 
+    def _too_big(self, n: int, need: int, free: int, total: int, why: str) -> JobError:
+        return JobError(
+            ErrorCode.QUOTA_EXCEEDED,
+            f"{n} qubits in {self.precision} precision need {why}; at most "
+            f"{self.max_qubits()} qubits fit",
+            required_bytes=need,
+            available_bytes=free,
+            total_bytes=total,
+            num_qubits=n,
+            max_qubits=self.max_qubits(),
+            precision=self.precision,
+        )
+
     def _admit(self, plan: Plan) -> int:
         """Check memory before allocating; returns how many extra state copies fit."""
         backend = self._backend
@@ -212,18 +225,11 @@ class GpuExecutor(Executor):
         need = backend.required_bytes(n, plan.max_targets)
         free, total = backend.memory()
         if need > free:
-            raise JobError(
-                ErrorCode.QUOTA_EXCEEDED,
-                f"{n} qubits in {self.precision} precision need {_fmt_bytes(need)} "
-                f"(state {_fmt_bytes(backend.state_bytes(n))} plus workspace) but "
-                f"{backend.device_name()} has {_fmt_bytes(free)} free of "
-                f"{_fmt_bytes(total)}; at most {self.max_qubits()} qubits fit",
-                required_bytes=need,
-                available_bytes=free,
-                total_bytes=total,
-                num_qubits=n,
-                max_qubits=self.max_qubits(),
-                precision=self.precision,
+            raise self._too_big(
+                n, need, free, total,
+                f"{_fmt_bytes(need)} (state {_fmt_bytes(backend.state_bytes(n))} plus "
+                f"workspace) but {backend.device_name()} has {_fmt_bytes(free)} free of "
+                f"{_fmt_bytes(total)}",
             )
         if not plan.dynamic:
             return 0
@@ -248,17 +254,10 @@ class GpuExecutor(Executor):
             # Refuse before lowering: the state alone cannot fit the device.
             free, total = self._backend.memory()
             need = self._backend.state_bytes(n) if n <= 62 else 1 << 62
-            raise JobError(
-                ErrorCode.QUOTA_EXCEEDED,
-                f"{n} qubits in {self.precision} precision need at least "
-                f"{_fmt_bytes(need)} for the state alone; {self._backend.device_name()} "
-                f"has {_fmt_bytes(total)} in total; at most {self.max_qubits()} qubits fit",
-                required_bytes=need,
-                available_bytes=free,
-                total_bytes=total,
-                num_qubits=n,
-                max_qubits=self.max_qubits(),
-                precision=self.precision,
+            raise self._too_big(
+                n, need, free, total,
+                f"at least {_fmt_bytes(need)} for the state alone; "
+                f"{self._backend.device_name()} has {_fmt_bytes(total)} in total",
             )
         plan, matrices, _ = self.plan_for(circuit)
         saved_states = self._admit(plan)
