@@ -62,6 +62,16 @@ class Metrics:
         self.worker_restarts = Counter("qpi_worker_restarts", "Executor process restarts",
                                        registry=r)
         self.executor_info = Info("qpi_executor", "The executor and its device", registry=r)
+        self.node_status = Gauge("qpi_node_status",
+                                 "1 for the node's current status (idle, busy, draining, "
+                                 "degraded), 0 for the others", ["status"], registry=r)
+        self.ready = Gauge("qpi_node_ready", "1 while /readyz answers ready", registry=r)
+        self.parse = Histogram("qpi_job_parse_seconds",
+                               "Time to parse and check every circuit of a job",
+                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.store_writable = Gauge("qpi_result_store_writable",
+                                    "1 while results can be made durable, 0 while the "
+                                    "store refuses writes (e.g. disk full)", registry=r)
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)

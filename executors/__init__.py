@@ -16,6 +16,7 @@ from executors.base import (
     Job,
     JobError,
     JobResult,
+    OptionError,
 )
 
 ENTRY_POINT_GROUP = "qpi_driver.executors"
@@ -77,6 +78,7 @@ __all__ = [
     "Job",
     "JobError",
     "JobResult",
+    "OptionError",
     "available",
     "create",
     "load",

@@ -39,6 +39,8 @@ class AerExecutor(Executor):
     twin of that QPU, on its native gates and coupling map, with at most its qubits)."""
 
     name = "aer"
+    OPTIONS = frozenset({"method", "seed", "precision", "max_qubits", "max_shots",
+                         "max_parallel_threads", "noise_calibration"})
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)

@@ -106,6 +106,9 @@ class Capabilities:
     precision: str = "double"
     device: str = "cpu"
     memory_bytes: int | None = None
+    # Which `meas_level`s (protocol §5) this executor returns; the daemon refuses any
+    # other at admission, so `run` never sees one.
+    meas_levels: tuple[int, ...] = (2,)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
@@ -116,6 +119,7 @@ class Capabilities:
             "precision": self.precision,
             "device": self.device,
             "memory": self.memory_bytes,
+            "meas_levels": list(self.meas_levels),
             **self.extra,
         }
 
@@ -134,18 +138,32 @@ def circuit_header(circuit: QuantumCircuit) -> dict[str, Any]:
     }
 
 
+class OptionError(ValueError):
+    """An executor option is unknown or has a value the executor cannot use."""
+
+
 class Executor(abc.ABC):
     """Runs validated jobs. `run(job) -> JobResult` is the whole contract.
 
     Executors are constructed once per daemon (or worker process) with their
     options and reused across jobs; they raise `JobError` for failures a person
-    can act on. `run` is called from a worker thread, never concurrently.
+    can act on. `run` is called from the executor process, never concurrently.
     """
 
     name: ClassVar[str] = "base"
+    # Every option the executor reads; any other name is refused here, the same way for
+    # every executor, so a misspelt option is an error instead of silently ignored.
+    OPTIONS: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})
+        unknown = sorted(set(self.options) - self.OPTIONS)
+        if unknown:
+            known = ", ".join(sorted(self.OPTIONS)) or "none"
+            raise OptionError(
+                f"unknown option(s) {', '.join(map(repr, unknown))} for executor "
+                f"{self.name!r}; it knows: {known}"
+            )
 
     @abc.abstractmethod
     def run(self, job: Job) -> JobResult:

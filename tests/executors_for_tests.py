@@ -17,6 +17,7 @@ class CountingExecutor(AerExecutor):
     and misbehaves on request: `// segfault`, `// exit`, `// hang`, `// sleep S`."""
 
     name = "counting"
+    OPTIONS = AerExecutor.OPTIONS | {"count_file"}
 
     def run_many(self, jobs: Sequence[Job]) -> list[JobResult | JobError]:
         path = self.options.get("count_file")

@@ -64,6 +64,9 @@ class GpuExecutor(Executor):
     """
 
     name: ClassVar[str] = "gpu"
+    OPTIONS: ClassVar[frozenset[str]] = frozenset({
+        "precision", "fusion_max_qubits", "seed", "device_id", "backend", "max_shots",
+        "max_saved_states"})
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
