@@ -1,12 +1,13 @@
 """The `qpi-driver` command: run the daemon (flags map one to one onto Settings),
-submit a circuit, show a node's status, check a configuration, or run the
-embedded orchestrator alone."""
+submit a circuit, show a node's status, check a configuration, check or recover the
+result store, or run the embedded orchestrator alone."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -18,7 +19,14 @@ from typing import Any
 from pydantic import SecretStr
 
 from driver import __version__, logs
-from driver.settings import EX_CONFIG, ConfigError, Settings, load_settings
+from driver.settings import CREDENTIAL_NAME, EX_CONFIG, ConfigError, Settings, load_settings
+from driver.settings import origins as setting_origins
+
+EX_NOINPUT = 66  # sysexits.h: no store where asked
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_SIGPIPE = 128 + 13  # what a C tool's exit looks like when its reader went away
 
 _NOT_FLAGS = {"access_token", "executor_options"}  # secrets never go on a command line
 
@@ -76,8 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
-    check = config_sub.add_parser("check", help="validate a file plus the environment")
+    check = config_sub.add_parser(
+        "check", help="validate a file plus the environment; a token the systemd unit "
+        "provides as a credential need not be present")
     check.add_argument("file", type=Path, nargs="?")
+    check.add_argument("--strict", action="store_true",
+                       help="also require the access token (as when run outside systemd)")
+
+    store = sub.add_parser("store", help="result store tools (run them with the daemon "
+                           "stopped)")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    for name, text in (
+        ("check", "check the result store for damage (exit 0 healthy, 65 damaged, 66 none, "
+                  "74 unreadable)"),
+        ("recover", "salvage the readable rows of a damaged store into a fresh one and keep "
+                    "the damaged file beside it (exit 0 done or healthy, 66 none, 75 in use)"),
+    ):
+        tool = store_sub.add_parser(name, help=text, description=text)
+        tool.add_argument("--data-dir", type=Path,
+                          help="the daemon's data_dir (default: from the settings)")
+        tool.add_argument("--config", dest="store_config", type=Path,
+                          help="TOML configuration file to take data_dir from")
 
     orch = sub.add_parser("orchestrator", help="run the embedded orchestrator alone")
     orch.add_argument("--host", default="127.0.0.1")
@@ -89,6 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; output cut short by its reader (`| head`) ends it quietly."""
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit:
+            sys.stdout.flush()  # --help, --version: written, not yet flushed
+            raise
+        sys.stdout.flush()  # inside the try: a broken pipe must not surface at exit
+        return code
+    except BrokenPipeError:
+        # Python's own flush at exit would fail again and print; point stdout at nothing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_SIGPIPE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "run"
     if command == "submit":
@@ -98,14 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "orchestrator":
         logs.configure()
         return asyncio.run(_orchestrator_alone(args))
+    if command == "store":
+        return _store(args)
     try:
         if command == "config":
-            settings = load_settings({}, args.file)
-            print(json.dumps(settings.masked(), indent=2))
-            warning = settings.token_file_warning()
-            if warning:
-                print(f"warning: {warning}", file=sys.stderr)
-            return 0
+            return _config_check(args.file, args.strict)
         settings = _settings_from(args)
     except ConfigError as exc:
         print(f"qpi-driver: {exc}", file=sys.stderr)
@@ -113,13 +156,80 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_format, settings.log_level)
     if settings.access_token is not None:
         logs.register_secret(settings.access_token.get_secret_value())
-    warning = settings.token_file_warning()
-    if warning:
-        logs.get("qpi.driver").warning(warning)
+    log = logs.get("qpi.driver")
+    for warning in (settings.token_file_warning(), settings.cleartext_token_warning()):
+        if warning:
+            log.warning(warning)
     try:
         return asyncio.run(serve(settings, lambda: _settings_from(args)))
     except KeyboardInterrupt:
         return 130
+
+
+def _config_check(file: Path | None, strict: bool) -> int:
+    """Print the effective settings (JSON, stdout) and, on stderr, where each came from
+    and which ones the systemd unit provides at start."""
+    settings = load_settings({}, file, token_elsewhere=not strict)
+    where = setting_origins(settings, file)
+    elsewhere: dict[str, str] = {}
+    if where.get("access_token", "").startswith("defaults"):  # read by the validator
+        where["access_token"] = (f"access_token_file {settings.access_token_file}"
+                                 if settings.access_token_file is not None else
+                                 f"credential {CREDENTIAL_NAME} in $CREDENTIALS_DIRECTORY")
+    if settings.access_token is None and settings.orchestrator_url is not None:
+        where.pop("access_token", None)
+        elsewhere["access_token"] = (
+            f"not in this shell. The systemd unit passes it as the credential "
+            f"{CREDENTIAL_NAME} (LoadCredential=), which the daemon reads from "
+            f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME} by itself. Run outside systemd, "
+            "set QPI_ACCESS_TOKEN or access_token_file (--strict checks for it)")
+    if "data_dir" not in where and not os.environ.get("STATE_DIRECTORY"):
+        elsewhere["data_dir"] = (
+            "not set. Under systemd the daemon uses $STATE_DIRECTORY (the unit's "
+            f"StateDirectory=, /var/lib/qpi-driver); in this shell it is {settings.data_dir}")
+    groups: dict[str, list[str]] = {}
+    for key, origin in where.items():
+        if key not in elsewhere:
+            groups.setdefault(origin, []).append(key)
+    lines = [f"qpi-driver config check: {file or 'the environment'} is valid"]
+    lines += [f"  from {origin}: {', '.join(keys)}" for origin, keys in groups.items()]
+    if elsewhere:
+        lines.append("  provided at start, not checked here:")
+        lines += [f"    {key}: {text}" for key, text in elsewhere.items()]
+    lines += [f"warning: {w}" for w in (settings.token_file_warning(),
+                                         settings.cleartext_token_warning()) if w]
+    # The report first: it must survive a reader that stops early (`| head`).
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    print(json.dumps(settings.masked(), indent=2))
+    return 0
+
+
+def _store(args: argparse.Namespace) -> int:
+    from driver import store_repair
+
+    data_dir = args.data_dir
+    if data_dir is None:
+        try:
+            data_dir = load_settings({}, args.store_config, token_elsewhere=True).data_dir
+        except ConfigError as exc:
+            print(f"qpi-driver store: {exc}; or give --data-dir", file=sys.stderr)
+            return EX_CONFIG
+    path = Path(data_dir) / store_repair.STORE_NAME
+    if args.store_command == "check":
+        report = store_repair.check(path)
+        print(report.summary())
+        return {"ok": 0, "missing": EX_NOINPUT, "unreadable": EX_IOERR}.get(
+            report.state, store_repair.EX_DATAERR)
+    try:
+        recovered = store_repair.recover(path)
+    except store_repair.StoreInUse as exc:
+        print(f"qpi-driver store recover: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except store_repair.RecoverFailed as exc:
+        print(f"qpi-driver store recover: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
+    print(recovered.summary())
+    return EX_NOINPUT if recovered.before.state == "missing" else 0
 
 
 async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:

@@ -5,6 +5,7 @@ protocol §1-6 and the job endpoints of QPI's client API that `qpi-client` uses.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import secrets
 from collections import deque
@@ -31,6 +32,19 @@ from driver.wire import (
 log = logs.get("qpi.orchestrator")
 
 FINAL = ("completed", "failed", "cancelled")
+# GET /api/qpus/{name} before the driver has registered waits this long for it, so a
+# script that starts the daemon and asks for its backend at once gets a usable record.
+QPU_WAIT_S = 30.0
+
+
+def is_loopback(host: str) -> bool:
+    """True for names and addresses that only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(slots=True)
@@ -69,14 +83,21 @@ class LocalOrchestrator:
         acks: bool = False,
         heartbeat_interval_s: float | None = None,
         tls: bool = True,
+        identity: ServerIdentity | None = None,
+        nng_identity: ServerIdentity | None = None,
     ) -> None:
+        """`identity` is the CA it publishes (and pins) and the certificate NNG serves;
+        `nng_identity` serves another certificate on NNG (tests: an impostor)."""
         self.host, self.port = host, port
         self.driver_name = driver_name
         self.wire_format = wire_format
         self.token = token or secrets.token_urlsafe(24)
         self.acks = acks
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.identity: ServerIdentity | None = generate_identity(host) if tls else None
+        if identity is None and tls:
+            identity = generate_identity(host)
+        self.identity = identity
+        self._nng_identity = nng_identity
         self.jobs: dict[str, JobRecord] = {}
         self.events: list[Envelope] = []  # every event received from the driver, for tests
         self.last_heartbeat: dict[str, Any] | None = None
@@ -94,6 +115,9 @@ class LocalOrchestrator:
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self.nng_in_port = self.nng_out_port = 0
+        # Set once the driver has registered its capabilities and its pipes are up: only
+        # then is the QPU listed, so qpi-client never sees num_qubits null.
+        self._usable = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -104,12 +128,24 @@ class LocalOrchestrator:
         return self.identity.ca_fingerprint if self.identity else None
 
     @property
+    def nng_identity(self) -> ServerIdentity | None:
+        """The certificate NNG serves: `identity`'s unless another was given."""
+        return self._nng_identity or self.identity
+
+    @property
     def online(self) -> bool:
         return self._pipes >= 2
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not is_loopback(self.host):
+            log.warning(
+                "the embedded orchestrator listens beyond this machine: its client API has "
+                "no authentication, so anyone who can reach it can submit jobs and read "
+                "every result; use it on loopback (127.0.0.1) unless the network is yours",
+                host=self.host, port=self.port,
+            )
         await self.start_nng()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.add_routes(
@@ -134,10 +170,11 @@ class LocalOrchestrator:
 
     async def start_nng(self) -> None:
         """Listen on fresh ports (a restarted orchestrator gets new ones)."""
-        tls = self.identity is not None
+        served = self.nng_identity
+        tls = served is not None
         kwargs: dict[str, Any] = {}
-        if self.identity is not None:
-            kwargs["tls_config"] = tls_server(self.identity.cert_pem, self.identity.key_pem)
+        if served is not None:
+            kwargs["tls_config"] = tls_server(served.cert_pem, served.key_pem)
         push, pull = pynng.Push0(**kwargs), pynng.Pull0(**kwargs)
         self._push, self._pull = AsyncSocket(push), AsyncSocket(pull)
         self._pipes = 0
@@ -169,6 +206,7 @@ class LocalOrchestrator:
         self._pipes += 1
         if self.online:
             log.info("driver online", name=self.driver_name)
+            self._check_usable()
 
     def _detached(self, _pipe: pynng.Pipe) -> None:
         self._pipes = max(0, self._pipes - 1)
@@ -293,6 +331,7 @@ class LocalOrchestrator:
         self.capabilities = body.get("capabilities") or {}
         self.executor_type = str(body.get("executor") or "")
         self.connects += 1
+        self._check_usable()
         # At-least-once: anything dispatched but unanswered goes out again.
         for record in self.jobs.values():
             if record.status in ("queued", "running") and record.id not in self._pending:
@@ -348,23 +387,42 @@ class LocalOrchestrator:
             await self.send_event(EventType.JOB_CANCEL, {"job_id": record.id})
         return web.json_response(record.public())
 
+    def _num_qubits(self) -> int | None:
+        value = self.capabilities.get("max_qubits", self.capabilities.get("num_qubits"))
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        return None
+
+    def _check_usable(self) -> None:
+        # Once usable, the QPU stays listed (offline while the driver is away), with the
+        # capabilities it last registered: still a record qpi-client can build a backend on.
+        if self.online and self._num_qubits() is not None:
+            self._usable.set()
+
     def qpu(self) -> dict[str, Any]:
         return {
             "name": self.driver_name,
             "status": "online" if self.online else "offline",
             "enabled": self.enabled,
             "executor_type": self.executor_type,
-            "num_qubits": self.capabilities.get("max_qubits"),
+            "num_qubits": self._num_qubits(),
             "capabilities": self.capabilities,
             "last_heartbeat": self.last_heartbeat,
         }
 
     async def _list_qpus(self, _request: web.Request) -> web.Response:
-        return web.json_response([self.qpu()])
+        return web.json_response([self.qpu()] if self._usable.is_set() else [])
 
     async def _get_qpu(self, request: web.Request) -> web.Response:
         if request.match_info["name"] != self.driver_name:
             return web.json_response({"message": "no such QPU"}, status=404)
+        try:
+            await asyncio.wait_for(self._usable.wait(), QPU_WAIT_S)
+        except TimeoutError:
+            message = (f"QPU {self.driver_name!r} has not registered yet (its driver is still "
+                       f"starting or cannot connect); retry in a moment")
+            # The reason phrase is what requests' HTTPError shows, so it carries the message.
+            return web.json_response({"message": message}, status=503, reason=message)
         return web.json_response(self.qpu())
 
 

@@ -3,6 +3,7 @@ start. Precedence: flags > env `QPI_*` (and the legacy QPI names) > TOML > defau
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import stat
@@ -10,6 +11,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -26,6 +28,8 @@ from driver.tls import normalise
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd units do not restart on it
 
 _config_file: ContextVar[Path | None] = ContextVar("qpi_config_file", default=None)
+# `config check` outside systemd: the token is the unit's credential, absent in a shell.
+_token_elsewhere: ContextVar[bool] = ContextVar("qpi_token_elsewhere", default=False)
 
 # Names QPI deployments already use that differ from `QPI_<FIELD>`.
 LEGACY_ENV = {"QPI_ADDR": "orchestrator_url"}
@@ -141,7 +145,7 @@ class Settings(BaseSettings):
                     raise ValueError(f"access_token_file {str(path)!r} is empty")
                 self.access_token = SecretStr(token)
         if self.orchestrator_url is not None:
-            if self.access_token is None:
+            if self.access_token is None and not _token_elsewhere.get():
                 raise ValueError(
                     "access_token is required with an orchestrator_url; set QPI_ACCESS_TOKEN "
                     "or access_token_file"
@@ -166,6 +170,19 @@ class Settings(BaseSettings):
         if mode & (stat.S_IRGRP | stat.S_IROTH):
             return f"access_token_file {path} is readable by other users; chmod 600 it"
         return None
+
+    def cleartext_token_warning(self) -> str | None:
+        """A warning when the token would cross the network unencrypted: http:// to a
+        host that is not this machine."""
+        url = self.orchestrator_url
+        if url is None or not url.startswith("http://"):
+            return None
+        host = urlsplit(url).hostname or ""
+        if host == "localhost" or _is_loopback_ip(host):
+            return None
+        return (f"orchestrator_url {url} is http:// to another host: the access token is sent "
+                "over the network in clear text, where anyone on the path can read it and "
+                "impersonate this driver; use https://")
 
     def masked(self) -> dict[str, Any]:
         """The effective settings for display, secrets masked."""
@@ -216,18 +233,30 @@ def _sources(
     return sources
 
 
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ConfigError(Exception):
     """An invalid setting: one message naming the key and where it came from."""
 
 
 def load_settings(
-    flags: Mapping[str, Any] | None = None, config_file: Path | None = None
+    flags: Mapping[str, Any] | None = None,
+    config_file: Path | None = None,
+    token_elsewhere: bool = False,
 ) -> Settings:
-    """Build the settings from flags, environment and an optional TOML file."""
+    """Build the settings from flags, environment and an optional TOML file.
+    `token_elsewhere`: a missing access token is not an error (it comes from systemd's
+    credential at start); the settings then have access_token None."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     if config_file is not None and not config_file.is_file():
         raise ConfigError(f"config file {config_file} does not exist")
     token = _config_file.set(config_file)
+    elsewhere = _token_elsewhere.set(token_elsewhere)
     try:
         return Settings(**flags)
     except ValidationError as exc:
@@ -236,6 +265,12 @@ def load_settings(
         raise ConfigError(f"cannot read configuration: {exc}") from None
     finally:
         _config_file.reset(token)
+        _token_elsewhere.reset(elsewhere)
+
+
+def origins(settings: Settings, config_file: Path | None) -> dict[str, str]:
+    """Where each setting that is not a default came from: flag, environment, file."""
+    return {key: _origin(key, {}, config_file) for key in sorted(settings.model_fields_set)}
 
 
 def _explain(exc: ValidationError, flags: Mapping[str, Any], config_file: Path | None) -> str:

@@ -50,49 +50,91 @@ class ServerIdentity:
         return fingerprint_of_pem(self.ca_pem)
 
 
-def generate_identity(host: str) -> ServerIdentity:
-    """A fresh CA and a server certificate for `host`, valid for a week."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+@dataclass(frozen=True, slots=True)
+class CertificateAuthority:
+    """A throwaway root CA that can issue server certificates (local mode, and tests
+    that need a certificate from the right CA for the wrong host)."""
 
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qpi-driver local root CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=7))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
+    cert_pem: str
+    key_pem: str
+
+    @classmethod
+    def generate(cls, common_name: str = "qpi-driver local root CA") -> CertificateAuthority:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        now = dt.datetime.now(dt.UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert_pem=_pem(cert), key_pem=_key_pem(key))
+
+    def issue(self, names: list[str], common_name: str | None = None) -> ServerIdentity:
+        """A server certificate for `names` (DNS names or IP addresses), valid a week."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        ca_cert = x509.load_pem_x509_certificate(self.cert_pem.encode())
+        ca_key = serialization.load_pem_private_key(self.key_pem.encode(), password=None)
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        now = dt.datetime.now(dt.UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        alt: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                alt.append(x509.DNSName(name))
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name or names[0])])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=7))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        return ServerIdentity(ca_pem=self.cert_pem, cert_pem=_pem(cert), key_pem=_key_pem(key))
+
+
+def generate_identity(host: str) -> ServerIdentity:
+    """A fresh CA and a server certificate for `host` (and localhost), valid for a week."""
+    return CertificateAuthority.generate().issue(
+        ["localhost", host] if host != "localhost" else ["localhost"], common_name=host
     )
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
-    try:
-        names.append(x509.IPAddress(ipaddress.ip_address(host)))
-    except ValueError:
-        names.append(x509.DNSName(host))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    return ServerIdentity(
-        ca_pem=ca_cert.public_bytes(pem).decode(),
-        cert_pem=cert.public_bytes(pem).decode(),
-        key_pem=key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode(),
-    )
+
+
+def _pem(cert: object) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    assert isinstance(cert, x509.Certificate)
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _key_pem(key: object) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
