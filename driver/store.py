@@ -13,6 +13,9 @@ from typing import Any
 
 import msgpack
 
+from driver import logs
+from driver.outcome import Outcome
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id    TEXT PRIMARY KEY,
@@ -25,7 +28,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (state, delivered, acked);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished);
+CREATE TABLE IF NOT EXISTS probe (filler BLOB);
 """
+
+PROBE_BYTES = 64 * 1024  # room a write must find before the store counts as writable again
 
 INTERRUPTED = {
     "error": "the driver stopped while this job was running; it was not re-run, to avoid "
@@ -34,12 +40,24 @@ INTERRUPTED = {
 }
 
 
+class StoreUnavailable(Exception):
+    """A write did not reach the disk (full, read-only, I/O error); `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class ResultStore:
+    """`problem` is None while writes succeed, else why the last one failed: the daemon
+    reads it to refuse new work and report `degraded` until a write succeeds again."""
+
     def __init__(self, path: Path, retention_s: float = 7 * 86400, max_rows: int = 200_000):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.retention_s = retention_s
         self.max_rows = max_rows
+        self.problem: str | None = None
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL survives a process crash; only a power cut can lose the last commit.
@@ -49,80 +67,87 @@ class ResultStore:
     def close(self) -> None:
         self._db.close()
 
+    def _write(self, statements: Iterable[tuple[str, list[tuple[Any, ...]]]]) -> None:
+        """One transaction; a failure to write is StoreUnavailable, and sets `problem`."""
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                for sql, rows in statements:
+                    self._db.executemany(sql, rows)
+        except sqlite3.OperationalError as exc:
+            self.problem = f"results cannot be written to {self.path}: {exc}"
+            raise StoreUnavailable(self.problem) from exc
+        if self.problem is not None:
+            logs.get("qpi.store").info("the result store accepts writes again",
+                                       path=str(self.path))
+        self.problem = None
+
+    def probe(self) -> None:
+        """A write that needs real room on disk, undone at once: StoreUnavailable if none."""
+        self._write([("INSERT INTO probe VALUES (zeroblob(?))", [(PROBE_BYTES,)]),
+                     ("DELETE FROM probe", [()])])
+
     def recover_interrupted(self) -> list[str]:
         """Jobs left `running` by a crash: answer them with an error, never re-run."""
         rows = [r[0] for r in self._db.execute("SELECT job_id FROM jobs WHERE state='running'")]
         if rows:
             blob = msgpack.packb(INTERRUPTED)
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.executemany(
-                    "UPDATE jobs SET state='done', result=?, finished=? WHERE job_id=?",
-                    [(blob, time.time(), job_id) for job_id in rows],
-                )
+            self._write([("UPDATE jobs SET state='done', result=?, finished=? WHERE job_id=?",
+                          [(blob, time.time(), job_id) for job_id in rows])])
         return rows
 
     def mark_running(self, job_ids: Iterable[str]) -> None:
         now = time.time()
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT OR IGNORE INTO jobs (job_id, state, started) VALUES (?, 'running', ?)",
-                [(job_id, now) for job_id in job_ids],
-            )
+        self._write([("INSERT OR IGNORE INTO jobs (job_id, state, started) "
+                      "VALUES (?, 'running', ?)", [(job_id, now) for job_id in job_ids])])
 
-    def finish(
-        self, results: Iterable[tuple[str, dict[str, Any]]], delivered: Iterable[str] = ()
-    ) -> list[tuple[str, dict[str, Any]]]:
-        """Store results (and, in the same transaction, earlier deliveries); returns the
-        results as stored, made encodable where they were not."""
+    def finish(self, outcomes: Iterable[Outcome], delivered: Iterable[str] = ()) -> list[Outcome]:
+        """Store outcomes (and, in the same transaction, earlier deliveries); returns them
+        as stored, made encodable where they were not. StoreUnavailable if not written."""
         now = time.time()
         stored, rows = [], []
-        for job_id, res in results:
+        for outcome in outcomes:
+            wire = outcome.to_wire()
             try:
-                blob = msgpack.packb(res)
+                blob = msgpack.packb(wire)
             except (OverflowError, TypeError, ValueError):
-                res = _encodable(res)  # e.g. a 2**70 echoed back from a hostile job
-                blob = msgpack.packb(res)
-            stored.append((job_id, res))
-            rows.append((job_id, blob, now, now))
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT INTO jobs (job_id, state, result, started, finished) "
-                "VALUES (?, 'done', ?, ?, ?) ON CONFLICT(job_id) DO UPDATE SET "
-                "state='done', result=excluded.result, finished=excluded.finished",
-                rows,
-            )
-            self._db.executemany("UPDATE jobs SET delivered=1 WHERE job_id=?",
-                                 [(j,) for j in delivered])
+                # e.g. a 2**70 echoed back from a hostile job
+                outcome = Outcome.from_wire(outcome.job_id, _encodable(wire))
+                blob = msgpack.packb(outcome.to_wire())
+            stored.append(outcome)
+            rows.append((outcome.job_id, blob, now, now))
+        self._write([
+            ("INSERT INTO jobs (job_id, state, result, started, finished) "
+             "VALUES (?, 'done', ?, ?, ?) ON CONFLICT(job_id) DO UPDATE SET "
+             "state='done', result=excluded.result, finished=excluded.finished", rows),
+            ("UPDATE jobs SET delivered=1 WHERE job_id=?", [(j,) for j in delivered]),
+        ])
         return stored
 
-    def state(self, job_id: str) -> tuple[str, dict[str, Any] | None] | None:
+    def state(self, job_id: str) -> tuple[str, Outcome | None] | None:
         row = self._db.execute(
             "SELECT state, result FROM jobs WHERE job_id=?", (job_id,)
         ).fetchone()
         if row is None:
             return None
-        return row[0], (msgpack.unpackb(row[1]) if row[1] is not None else None)
+        answer = (Outcome.from_wire(job_id, msgpack.unpackb(row[1]))
+                  if row[1] is not None else None)
+        return row[0], answer
 
-    def undelivered(self, acks: bool) -> list[tuple[str, dict[str, Any]]]:
+    def undelivered(self, acks: bool) -> list[Outcome]:
         """Results still owed: never handed over, or (with acks) never acknowledged."""
         column = "acked" if acks else "delivered"
         rows = self._db.execute(
             f"SELECT job_id, result FROM jobs WHERE state='done' AND {column}=0 "
             "ORDER BY finished"
         )
-        return [(job_id, msgpack.unpackb(blob)) for job_id, blob in rows]
+        return [Outcome.from_wire(job_id, msgpack.unpackb(blob)) for job_id, blob in rows]
 
     def mark_delivered(self, job_ids: Iterable[str]) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany("UPDATE jobs SET delivered=1 WHERE job_id=?",
-                                 [(j,) for j in job_ids])
+        self._write([("UPDATE jobs SET delivered=1 WHERE job_id=?", [(j,) for j in job_ids])])
 
     def mark_acked(self, job_id: str) -> None:
-        self._db.execute("UPDATE jobs SET acked=1, delivered=1 WHERE job_id=?", (job_id,))
+        self._write([("UPDATE jobs SET acked=1, delivered=1 WHERE job_id=?", [(job_id,)])])
 
     def prune(self) -> int:
         """Drop delivered results past retention, and the oldest beyond the row cap."""
