@@ -1,6 +1,7 @@
-"""The executor in a child process owned by the daemon: a crash, a hang or an
-OOM kill costs the jobs in hand, never the daemon. The child pays its start-up
-(imports, device context) once and then runs batches until told to stop."""
+"""The daemon's child processes: the executor process (a crash, a hang or an OOM
+kill costs the jobs in hand, never the daemon) and the circuit parser (parses and
+checks the next jobs while the executor runs the current batch). Both are spawned
+once and then serve typed messages (driver.messages) over a pipe."""
 
 from __future__ import annotations
 
@@ -9,38 +10,61 @@ import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import signal
-from dataclasses import dataclass
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from driver.jobs import JobSpec, Limits, prepare, result_map
+from driver import logs
+from driver.jobs import prepare, result_map
+from driver.messages import (
+    BatchDone,
+    CalibrationReport,
+    Parsed,
+    ParseJob,
+    PreparedJob,
+    Ready,
+    RefreshCalibration,
+    RunBatch,
+    StartFailed,
+    Stop,
+)
+from driver.outcome import Outcome
 from executors.base import ErrorCode, JobError
 
 # spawn, not fork: the parent runs NNG and event-loop threads a fork would copy mid-flight.
 _CTX = multiprocessing.get_context("spawn")
 
 
-@dataclass(frozen=True, slots=True)
-class WorkItem:
-    job_id: str
-    spec: JobSpec
-
-
-class WorkerDied(Exception):
-    """The child exited while jobs were in hand; `reason` says how."""
+class ProcessDied(Exception):
+    """The child exited while work was in hand; `reason` says how."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-class WorkerGone(WorkerDied):
-    """The child was already dead when a batch was handed over: the batch never started."""
+class ProcessGone(ProcessDied):
+    """The child was already dead when work was handed over: that work never started."""
 
 
-def _child(conn: multiprocessing.connection.Connection, name: str, options: dict[str, Any],
-           version: str) -> None:
-    """Child process main: build the executor once, then serve batches."""
+class StartFailedError(Exception):
+    def __init__(self, reason: str, unavailable: bool, misconfigured: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.unavailable = unavailable
+        self.misconfigured = misconfigured
+
+
+# -- child side --------------------------------------------------------------------------
+
+
+def _executor_main(conn: multiprocessing.connection.Connection, name: str,
+                   options: dict[str, Any], version: str) -> None:
+    """Executor process: build the executor once, then run batches until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     import executors
 
@@ -48,117 +72,123 @@ def _child(conn: multiprocessing.connection.Connection, name: str, options: dict
         executor = executors.create(name, options)
         caps = executor.capabilities()
     except Exception as exc:  # reported to the parent, which decides what to do
-        conn.send(("failed", f"{type(exc).__name__}: {exc}",
-                   isinstance(exc, executors.ExecutorUnavailable)))
+        conn.send(StartFailed(f"{type(exc).__name__}: {exc}",
+                              isinstance(exc, executors.ExecutorUnavailable),
+                              isinstance(exc, executors.OptionError)))
         return
-    conn.send(("ready", caps, executor.calibration(), executor.health()))
+    conn.send(Ready(caps, executor.calibration(), executor.health()))
     while True:
         try:
             message = conn.recv()
         except EOFError:
             break
-        kind = message[0]
-        if kind == "stop":
+        if isinstance(message, Stop):
             break
-        if kind == "calibration":
-            conn.send(("calibration", executor.calibration(), executor.health()))
-            continue
-        _, items, limits = message
-        results = run_batch(executor, name, version, items, limits)
-        conn.send(("done", results, executor.health()))
+        if isinstance(message, RefreshCalibration):
+            conn.send(CalibrationReport(executor.calibration(), executor.health()))
+        elif isinstance(message, RunBatch):
+            started = time.perf_counter()
+            outcomes = run_batch(executor, name, version, message.jobs)
+            conn.send(BatchDone(outcomes, executor.health(), time.perf_counter() - started))
     executor.close()
 
 
-def run_batch(executor: Any, name: str, version: str, items: list[WorkItem],
-              limits: Limits) -> list[dict[str, Any]]:
-    """Prepare every job (all circuits checked before any runs), run the valid ones together."""
-    outcomes: list[dict[str, Any] | None] = [None] * len(items)
-    ready = []
-    for i, item in enumerate(items):
+def run_batch(executor: Any, name: str, version: str, jobs: list[PreparedJob]) -> list[Outcome]:
+    """Run prepared jobs together; an executor bug fails its jobs, not the process."""
+    prepared = [pickle.loads(job.payload) for job in jobs]
+    try:
+        results = executor.run_many(prepared)
+    except Exception as exc:
+        err = JobError(ErrorCode.JOB_FAILED,
+                       f"executor {name!r} failed: {type(exc).__name__}: {exc}")
+        results = [err] * len(jobs)
+    return [Outcome.failed(job.job_id, res) if isinstance(res, JobError)
+            else Outcome.succeeded(job.job_id, result_map(res, name, version))
+            for job, res in zip(jobs, results, strict=True)]
+
+
+def _parser_main(conn: multiprocessing.connection.Connection) -> None:
+    """Parser process: parse and check each job in turn, answer in the same order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
         try:
-            ready.append((i, prepare(item.job_id, item.spec, limits)))
-        except JobError as exc:
-            outcomes[i] = exc.to_result()
-        except Exception as exc:  # Qiskit refusing what validation let through: this job's fault
-            outcomes[i] = JobError(ErrorCode.CIRCUIT_INVALID,
-                                   f"{type(exc).__name__}: {exc!s:.500}").to_result()
-    if ready:
-        try:
-            results = executor.run_many([job for _, job in ready])
-        except Exception as exc:  # an executor bug fails its jobs, not the worker
-            err = JobError(ErrorCode.JOB_FAILED,
-                           f"executor {name!r} failed: {type(exc).__name__}: {exc}")
-            results = [err] * len(ready)
-        for (i, _), res in zip(ready, results, strict=True):
-            outcomes[i] = (res.to_result() if isinstance(res, JobError)
-                           else result_map(res, name, version))
-    return [o if o is not None else {} for o in outcomes]
+            message = conn.recv()
+        except EOFError:
+            break
+        if isinstance(message, Stop):
+            break
+        conn.send(parse_job(message))
 
 
-class Worker:
-    """Parent-side handle: start, run a batch (awaitable), kill, restart."""
+def parse_job(message: ParseJob) -> Parsed:
+    """Every circuit of the job parsed, bound and checked against the limits, or why not."""
+    started = time.perf_counter()
+    try:
+        job = prepare(message.job_id, message.spec, message.limits)
+    except JobError as exc:
+        return Parsed(message.job_id, None, exc, time.perf_counter() - started)
+    except Exception as exc:  # Qiskit refusing what validation let through: this job's fault
+        error = JobError(ErrorCode.CIRCUIT_INVALID, f"{type(exc).__name__}: {exc!s:.500}")
+        return Parsed(message.job_id, None, error, time.perf_counter() - started)
+    prepared = PreparedJob(
+        job_id=message.job_id,
+        payload=pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL),
+        experiments=len(job.experiments),
+        max_qubits=max(e.circuit.num_qubits for e in job.experiments),
+        shots=sum(e.shots for e in job.experiments),
+    )
+    return Parsed(message.job_id, prepared, None, time.perf_counter() - started)
 
-    def __init__(self, name: str, options: dict[str, Any], version: str) -> None:
-        self.name, self.options, self.version = name, options, version
+
+# -- parent side -------------------------------------------------------------------------
+
+
+class ChildProcess:
+    """Parent-side handle on one spawned child: start, receive without a thread, kill."""
+
+    kind = "child"
+
+    def __init__(self) -> None:
         self.process: multiprocessing.process.BaseProcess | None = None
         self._conn: multiprocessing.connection.Connection | None = None
-        self.capabilities: Any = None
-        self.calibration: dict[str, Any] | None = None
-        self.fault: str | None = None  # the executor's own health report
-        self.restarts = 0
         self._waiting: tuple[int, asyncio.Future[None]] | None = None
+        self.restarts = 0
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    async def start(self) -> None:
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def _spawn(self, target: Callable[..., None], args: tuple[Any, ...], name: str) -> None:
         parent, child = _CTX.Pipe(duplex=True)
-        process = _CTX.Process(target=_child, args=(child, self.name, self.options,
-                                                    self.version),
-                               name=f"qpi-executor-{self.name}", daemon=True)
+        process = _CTX.Process(target=target, args=(child, *args), name=name, daemon=True)
         process.start()
         child.close()
         self.process, self._conn = process, parent
-        reply = await self._receive()
-        if reply[0] == "failed":
-            await self.stop()
-            raise WorkerStartFailed(reply[1], unavailable=bool(reply[2]))
-        _, self.capabilities, self.calibration, self.fault = reply
 
-    async def restart(self) -> None:
-        self.kill()
-        self.restarts += 1
-        await self.start()
-
-    async def run(self, items: list[WorkItem], limits: Limits) -> list[dict[str, Any]]:
-        if self._conn is None or self.process is None or not self.process.is_alive():
-            raise WorkerGone(self._death())
+    def _send(self, message: Any) -> None:
+        if self._conn is None or not self.alive:
+            raise ProcessGone(self._death())
         try:
-            self._conn.send(("run", items, limits))
+            self._conn.send(message)
         except OSError:  # it died between the check and the send
-            raise WorkerGone(self._death()) from None
-        reply = await self._receive()
-        self.fault = reply[2]
-        return list(reply[1])
-
-    async def refresh_calibration(self) -> dict[str, Any] | None:
-        assert self._conn is not None
-        self._conn.send(("calibration",))
-        _, self.calibration, self.fault = await self._receive()
-        return self.calibration
+            raise ProcessGone(self._death()) from None
 
     async def _receive(self) -> Any:
-        """Wait for the child's next message without a thread: the pipe's fd wakes the loop."""
+        """Wait for the child's next message: the pipe's fd wakes the loop."""
         conn = self._conn
-        assert conn is not None
+        if conn is None:
+            raise ProcessDied(self._death())
         loop = asyncio.get_running_loop()
         while True:
             try:
                 if conn.poll():
                     return conn.recv()
             except (EOFError, OSError):
-                raise WorkerDied(self._death()) from None
+                raise ProcessDied(self._death()) from None
             readable: asyncio.Future[None] = loop.create_future()
             fd = conn.fileno()
             loop.add_reader(fd, _wake, readable)
@@ -172,25 +202,26 @@ class Worker:
     def _death(self) -> str:
         process = self.process
         if process is None:
-            return "the executor process is gone"
+            return f"the {self.kind} process is gone"
         process.join(timeout=5)
         code = process.exitcode
         if code is None:
-            return "the executor process closed its pipe but did not exit"
+            return f"the {self.kind} process closed its pipe but did not exit"
         if code < 0:
             sig = signal.Signals(-code).name
             hint = " (killed, e.g. by the OOM killer)" if sig == "SIGKILL" else ""
-            return f"the executor process died from signal {sig}{hint}"
-        return f"the executor process exited with status {code}"
+            return f"the {self.kind} process died from signal {sig}{hint}"
+        return f"the {self.kind} process exited with status {code}"
 
     def kill(self) -> None:
-        """SIGKILL the child now; a batch awaiting it fails with WorkerDied."""
+        """SIGKILL the child now; whatever awaits it fails with ProcessDied."""
         if self._waiting is not None:
             # The pipe is about to close: a closed fd never wakes the loop, so wake it here.
             fd, waiter = self._waiting
             asyncio.get_running_loop().remove_reader(fd)
             if not waiter.done():
-                waiter.set_exception(WorkerDied("the executor process was stopped by the driver"))
+                waiter.set_exception(ProcessDied(f"the {self.kind} process was stopped by "
+                                                 "the driver"))
         process = self.process
         if process is not None and process.is_alive():
             os.kill(process.pid, signal.SIGKILL)  # type: ignore[arg-type]
@@ -200,20 +231,138 @@ class Worker:
         self.process, self._conn = None, None
 
     async def stop(self, timeout: float = 10.0) -> None:
-        if self._conn is not None and self.process is not None and self.process.is_alive():
+        if self._conn is not None and self.alive:
             with contextlib.suppress(OSError):
-                self._conn.send(("stop",))
+                self._conn.send(Stop())
+            assert self.process is not None
             await asyncio.to_thread(self.process.join, timeout)
         self.kill()
+
+
+class ExecutorProcess(ChildProcess):
+    """The executor in its own process: start, run a batch (awaitable), calibrate, kill."""
+
+    kind = "executor"
+
+    def __init__(self, name: str, options: dict[str, Any], version: str) -> None:
+        super().__init__()
+        self.name, self.options, self.version = name, options, version
+        self.capabilities: Any = None
+        self.calibration: dict[str, Any] | None = None
+        self.fault: str | None = None  # the executor's own health report
+
+    async def start(self) -> None:
+        self._spawn(_executor_main, (self.name, self.options, self.version),
+                    f"qpi-executor-{self.name}")
+        reply = await self._receive()
+        if isinstance(reply, StartFailed):
+            await self.stop()
+            raise StartFailedError(reply.reason, reply.unavailable, reply.misconfigured)
+        assert isinstance(reply, Ready)
+        self.capabilities, self.calibration, self.fault = (reply.capabilities,
+                                                           reply.calibration, reply.fault)
+
+    async def restart(self) -> None:
+        self.kill()
+        self.restarts += 1
+        await self.start()
+
+    async def run(self, jobs: list[PreparedJob]) -> BatchDone:
+        self._send(RunBatch(jobs))
+        reply = await self._receive()
+        assert isinstance(reply, BatchDone)
+        self.fault = reply.fault
+        return reply
+
+    async def refresh_calibration(self) -> dict[str, Any] | None:
+        self._send(RefreshCalibration())
+        reply = await self._receive()
+        assert isinstance(reply, CalibrationReport)
+        self.calibration, self.fault = reply.calibration, reply.fault
+        return self.calibration
+
+
+class CircuitParser(ChildProcess):
+    """Parses jobs ahead of the executor, in order, in a process of its own (the GIL
+    would otherwise make parsing and running take turns). A crash or a hang is blamed
+    on the job being parsed, which is answered CIRCUIT_INVALID; the jobs behind it are
+    handed to a fresh parser. Nothing here runs a job, so nothing can run twice."""
+
+    kind = "circuit parser"
+
+    def __init__(self, on_parsed: Callable[[Parsed], None], timeout_s: float = 60.0) -> None:
+        super().__init__()
+        self._on_parsed = on_parsed
+        self.timeout_s = timeout_s
+        self._in_flight: OrderedDict[str, tuple[ParseJob, float]] = OrderedDict()
+        # Sends happen on one thread, in order: a large job would otherwise block the
+        # event loop until the busy parser reads it.
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="qpi-parser-send")
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def start(self) -> None:
+        self._spawn(_parser_main, (), "qpi-parser")
+        logs.get("qpi.parser").info("circuit parser started", pid=self.pid)
+
+    def submit(self, job: ParseJob) -> None:
+        self._in_flight[job.job_id] = (job, time.monotonic())
+        self._post(job)
+
+    def _post(self, job: ParseJob) -> None:
+        conn = self._conn
+        if conn is not None:
+            self._sender.submit(_send_quietly, conn, job)
+
+    async def serve(self) -> None:
+        """Hand each answer to `on_parsed`; recover from a crashed or hung parser."""
+        while True:
+            try:
+                reply = await asyncio.wait_for(self._receive(), self._time_left())
+            except (ProcessDied, TimeoutError) as exc:
+                await self._recover(exc)
+                continue
+            entry = self._in_flight.pop(reply.job_id, None)
+            if entry is not None:
+                self._on_parsed(reply)
+
+    def _time_left(self) -> float | None:
+        if not self._in_flight:
+            return None
+        _, since = next(iter(self._in_flight.values()))
+        return max(0.0, since + self.timeout_s - time.monotonic())
+
+    async def _recover(self, exc: Exception) -> None:
+        """Answer the job being parsed, start a fresh parser, hand it the rest."""
+        reason = (f"parsing took longer than {self.timeout_s:g} s"
+                  if isinstance(exc, TimeoutError) else str(exc))
+        self.kill()
+        if self._in_flight:
+            job_id, _ = self._in_flight.popitem(last=False)
+            self._on_parsed(Parsed(job_id, None, JobError(
+                ErrorCode.CIRCUIT_INVALID,
+                f"the circuit parser failed on this job ({reason}); it was not run"), 0.0))
+        self.restarts += 1
+        self._spawn(_parser_main, (), "qpi-parser")
+        logs.get("qpi.parser").warning("circuit parser restarted", reason=reason, pid=self.pid,
+                                       resent=len(self._in_flight))
+        now = time.monotonic()
+        for job_id, (job, _) in list(self._in_flight.items()):
+            self._in_flight[job_id] = (job, now)
+            self._post(job)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        await super().stop(timeout)
+        self._sender.shutdown(wait=False, cancel_futures=True)
+
+
+def _send_quietly(conn: multiprocessing.connection.Connection, message: Any) -> None:
+    with contextlib.suppress(OSError, ValueError):  # a killed parser: _recover resends
+        conn.send(message)
 
 
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-class WorkerStartFailed(Exception):
-    def __init__(self, reason: str, unavailable: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.unavailable = unavailable

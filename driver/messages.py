@@ -1,0 +1,85 @@
+"""The typed messages that cross the pipes between the daemon and its child
+processes (the executor process and the circuit parser)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from driver.jobs import JobSpec, Limits
+from driver.outcome import Outcome
+from executors.base import JobError
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedJob:
+    """A job whose every circuit was parsed and checked; `payload` is the pickled
+    executor `Job`, passed through the daemon as bytes, unpickled only where it runs."""
+
+    job_id: str
+    payload: bytes
+    experiments: int
+    max_qubits: int
+    shots: int
+
+
+# daemon -> parser
+@dataclass(frozen=True, slots=True)
+class ParseJob:
+    job_id: str
+    spec: JobSpec
+    limits: Limits
+
+
+# parser -> daemon
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    job_id: str
+    prepared: PreparedJob | None
+    error: JobError | None
+    seconds: float
+
+
+# daemon -> executor process
+@dataclass(frozen=True, slots=True)
+class RunBatch:
+    jobs: list[PreparedJob]
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshCalibration:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+# executor process -> daemon
+@dataclass(frozen=True, slots=True)
+class Ready:
+    capabilities: Any
+    calibration: dict[str, Any] | None
+    fault: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StartFailed:
+    reason: str
+    unavailable: bool  # the executor cannot be loaded here (exit 69)
+    misconfigured: bool = False  # its options are wrong (exit 78)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDone:
+    outcomes: list[Outcome]
+    fault: str | None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationReport:
+    calibration: dict[str, Any] | None
+    fault: str | None
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,80 @@
+"""Admission and the parser ahead of the executor: what the node refuses before it
+queues (meas_level, executor options) and what a parser crash costs (one job)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from qiskit import QuantumCircuit, qasm3
+from qiskit.circuit.library import QFTGate
+
+from driver.orchestrator import LocalOrchestrator
+from tests.circuits import BELL
+from tests.conftest import daemon_env, run_job, start_connected, start_daemon, wait_for
+
+
+@pytest.fixture
+async def orch() -> AsyncIterator[LocalOrchestrator]:
+    o = LocalOrchestrator(port=0, driver_name="admission")
+    await o.start()
+    yield o
+    await o.stop()
+
+
+async def test_meas_level_the_executor_does_not_return_is_refused_at_admission(
+    tmp_path: Path, orch: LocalOrchestrator
+) -> None:
+    d = await start_connected(tmp_path, orch, daemon_env(tmp_path, orch))
+    try:
+        refused = await run_job(orch, {"circuits": [BELL], "meas_level": 1})
+        assert refused["error_code"] == "CIRCUIT_INVALID"
+        assert refused["meas_levels"] == [2]
+        assert "meas_level 2" in str(refused["error"])
+        ok = await run_job(orch, {"circuits": [BELL], "shots": 16})
+        assert ok["success"] is True
+    finally:
+        assert d.stop() == 0, d.output()
+
+
+def test_a_misspelt_executor_option_stops_the_start_with_a_config_error(
+    tmp_path: Path,
+) -> None:
+    env = daemon_env(tmp_path, None, QPI_EXECUTOR_OPTIONS='{"seeed": 3}')
+    d = start_daemon(tmp_path, env)
+    assert d.proc.wait(120) == 78, d.output()
+    assert "unknown option(s) 'seeed' for executor 'aer'" in d.output()
+
+
+def slow_text(i: int) -> str:
+    """A distinct text with a custom gate definition: the full importer's slow path."""
+    qc = QuantumCircuit(8)
+    qc.append(QFTGate(8), range(8))
+    qc.rz(0.001 * (i + 1), 0)
+    qc.measure_all()
+    return qasm3.dumps(qc)
+
+
+async def test_a_parser_killed_mid_parse_costs_that_job_only(
+    tmp_path: Path, orch: LocalOrchestrator
+) -> None:
+    d = await start_connected(tmp_path, orch, daemon_env(tmp_path, orch))
+    try:
+        pid = int(re.findall(r'"pid": (\d+), "event": "circuit parser started"', d.output())[0])
+        victim = orch.submit({"circuits": [slow_text(i) for i in range(200)], "shots": 8})
+        behind = orch.submit({"circuits": [BELL], "shots": 8})
+        await asyncio.sleep(0.5)  # into the parse of the 200 circuits (several seconds)
+        os.kill(pid, signal.SIGKILL)
+        done = await orch.result(victim.id, timeout=120)
+        assert done.results is not None and done.results["error_code"] == "CIRCUIT_INVALID"
+        assert "circuit parser failed on this job" in str(done.results["error"])
+        after = await orch.result(behind.id, timeout=120)
+        assert after.results is not None and after.results["success"] is True
+        await wait_for(lambda: "circuit parser restarted" in d.output(), what="the restart")
+    finally:
+        assert d.stop() == 0, d.output()
