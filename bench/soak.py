@@ -22,7 +22,8 @@ from pathlib import Path
 
 import psutil  # a dependency of qiskit-aer, so always present beside the daemon
 
-from bench.throughput import BELL, percentile, unique
+from bench.throughput import percentile
+from bench.traffic import shapes
 from driver.orchestrator import LocalOrchestrator
 from tests.conftest import Daemon, daemon_env, start_daemon
 
@@ -78,15 +79,17 @@ def store_rows(data_dir: Path) -> int | None:
 
 async def run_segment(orch: LocalOrchestrator, first: int, jobs: int, shots: int,
                       in_flight: int) -> Segment:
-    """`jobs` Bell jobs with distinct texts, `in_flight` outstanding at all times."""
-    numbers = iter(range(first, first + jobs))
+    """`jobs` Bell jobs with distinct OpenQASM 3 texts (seeded by job number, as
+    qpi-client would send them), `in_flight` outstanding at all times."""
+    # Built before the clock starts: the bench's own qasm3.dumps is not the daemon's time.
+    payloads = iter(shapes(shots)["Bell"].jobs(iter(range(first, first + jobs)), jobs))
     latencies: list[float] = []
     outcomes: Counter[str] = Counter()
 
     async def client() -> None:
-        for n in numbers:
+        for payload in payloads:
             t0 = time.perf_counter()
-            record = orch.submit({"circuits": [unique(BELL, n)], "shots": shots})
+            record = orch.submit(payload)
             try:
                 done = await orch.result(record.id, timeout=600)
             except TimeoutError:

@@ -1,181 +1,365 @@
-"""End-to-end throughput and latency of the daemon through the embedded
-orchestrator over TLS NNG, beside a bare in-process Aer loop measured in the
-same run. Prints medians and ratios; asserts nothing.
+"""Jobs/s and latency of the daemon on real traffic (distinct OpenQASM 3 texts as qpi-client
+sends them), through the embedded orchestrator over TLS NNG, beside the simulator's
+ceiling measured in the same run: Aer's run time alone for the same circuits.
 
-The bare loop runs in a child process of its own, as the daemon does, so neither
-shares an interpreter with the orchestrator; cases are interleaved over rounds
-because this machine is shared and noisy.
+The ceiling runs in a child process of its own (as the executor does): every circuit is
+parsed first, off the clock, then each job is one `AerSimulator.run(...).result()`, in
+sequence, and only those calls are timed. Cases are interleaved over rounds because
+this machine is shared and noisy; the figures printed are medians over rounds. Also
+measures the heartbeat intervals the orchestrator receives under QFT-12 load.
+Prints figures; asserts nothing about speed (a job that fails stops the bench).
 
-    python -m bench.throughput [--jobs 300] [--rounds 3] [--wire-format msgpack]
+    python -m bench.throughput [--rounds 3] [--in-flight 16] [--jobs N] [--cases QFT-12,Bell]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import math
 import os
-import random
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
+
+from bench.traffic import SHOTS, Shape, shapes, texts
+from driver.orchestrator import LocalOrchestrator
+from driver.wire import Envelope, EventType
+from tests.conftest import Daemon, daemon_env, start_daemon
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from driver.orchestrator import LocalOrchestrator  # noqa: E402
-
-BELL = (ROOT / "examples/bell2.qasm").read_text()
-
-
-def random_circuit_qasm(qubits: int = 20, layers: int = 20, seed: int = 7) -> str:
-    """A quantum-volume-like circuit in standard gates: random U layers, random CX pairs."""
-    rng = random.Random(seed)
-    lines = ["OPENQASM 2.0;", 'include "qelib1.inc";', f"qreg q[{qubits}];",
-             f"creg c[{qubits}];"]
-    for _ in range(layers):
-        for q in range(qubits):
-            a, b, c = (rng.uniform(0, 6.283) for _ in range(3))
-            lines.append(f"u3({a:.6f},{b:.6f},{c:.6f}) q[{q}];")
-        order = list(range(qubits))
-        rng.shuffle(order)
-        for i in range(0, qubits - 1, 2):
-            lines.append(f"cx q[{order[i]}],q[{order[i + 1]}];")
-    lines.append("measure q -> c;")
-    return "\n".join(lines) + "\n"
+# Jobs per case per round when --jobs is not given: enough to keep 16 in flight for a
+# few seconds at the goal rate, without making a round of random-20 take minutes.
+DEFAULT_JOBS = {"QFT-12": 300, "random-20": 48, "Bell": 600, "sweep": 60}
+GOALS = {"QFT-12": 0.8, "random-20": 0.9, "Bell": 0.5}  # driver jobs/s over the ceiling's
+HEARTBEAT_TOLERANCE = 0.3
 
 
-def unique(source: str, n: int) -> str:
-    # A distinct text per job so neither side benefits from a parse cache.
-    return source + f"// job {n}\n"
-
-
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bare_loop(source: str, jobs: int, shots: int) -> tuple[float, list[float]]:
-    """Parse, then run one job at a time on one reused AerSimulator."""
-    from qiskit import qasm2
+# -- the ceiling: Aer alone, in a child process --------------------------------------------
+
+
+def ceiling_child() -> None:
+    """Child main: per request line (jobs' texts and shots), parse everything, then time
+    one Aer run per job; answer with the run seconds of each job."""
     from qiskit_aer import AerSimulator
 
+    from executors.circuits import parse_qasm  # the daemon's parser: the same circuits
+
     sim = AerSimulator()
-    latencies = []
-    started = time.perf_counter()
-    for n in range(jobs):
-        t0 = time.perf_counter()
-        qc = qasm2.loads(unique(source, n), custom_instructions=qasm2.LEGACY_CUSTOM_INSTRUCTIONS)
-        sim.run(qc, shots=shots).result().get_counts()
-        latencies.append(time.perf_counter() - t0)
-    return jobs / (time.perf_counter() - started), latencies
-
-
-async def driven(orch: LocalOrchestrator, source: str, jobs: int, shots: int,
-                 in_flight: int) -> tuple[float, list[float]]:
-    latencies: list[float] = []
-    counter = iter(range(jobs))
-
-    async def worker() -> None:
-        for n in counter:
+    for line in sys.stdin:
+        request = json.loads(line)
+        shots = int(request["shots"])
+        jobs = [[parse_qasm(text) for text in job] for job in request["jobs"]]
+        seconds = []
+        for circuits in jobs:
             t0 = time.perf_counter()
-            record = orch.submit({"circuits": [unique(source, n)], "shots": shots})
+            result = sim.run(circuits, shots=shots).result()
+            seconds.append(time.perf_counter() - t0)
+            if not result.success:
+                raise SystemExit(f"Aer failed a ceiling job: {result.status}")
+        print(json.dumps(seconds), flush=True)
+
+
+class Ceiling:
+    """Parent side of the ceiling child; started once, reused by every case and round."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT),
+               "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.throughput", "--ceiling-child"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+        )
+
+    def run(self, payloads: Sequence[dict[str, Any]]) -> list[float]:
+        """Aer run seconds of each job, in order."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        shots = {int(p["shots"]) for p in payloads}
+        if len(shots) != 1:
+            raise ValueError(f"a ceiling batch needs one shot count, got {sorted(shots)}")
+        request = {"shots": shots.pop(), "jobs": [texts(p) for p in payloads]}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise SystemExit(f"the ceiling child exited {self.proc.wait()}; see its stderr above")
+        return [float(s) for s in json.loads(answer)]
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- the daemon side -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    arrived: float  # time.monotonic() in this process
+    sent: str  # the driver's timestamp on the envelope
+    status: str
+
+
+class TimedOrchestrator(LocalOrchestrator):
+    """The embedded orchestrator, noting when each heartbeat arrives."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.beats: list[Beat] = []
+
+    async def _on_event(self, env: Envelope) -> None:
+        if env.type == EventType.HEARTBEAT:
+            self.beats.append(Beat(time.monotonic(), env.ts, str(env.payload.get("status"))))
+        await super()._on_event(env)
+
+
+async def drive(orch: LocalOrchestrator, payloads: Sequence[dict[str, Any]],
+                in_flight: int) -> tuple[float, list[float]]:
+    """Submit every payload, `in_flight` outstanding at all times; (seconds, latencies)."""
+    queue = iter(payloads)
+    latencies: list[float] = []
+
+    async def client() -> None:
+        for payload in queue:
+            t0 = time.perf_counter()
+            record = orch.submit(payload)
             done = await orch.result(record.id, timeout=600)
             latencies.append(time.perf_counter() - t0)
-            assert done.status == "completed", done.results
+            if done.status != "completed":
+                results = done.results or {}
+                raise SystemExit(f"job {record.id} {done.status}: {results.get('error_code')} "
+                                 f"{results.get('error')}; the figures would be meaningless")
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
-    return jobs / (time.perf_counter() - started), latencies
+    await asyncio.gather(*(client() for _ in range(in_flight)))
+    return time.perf_counter() - started, latencies
 
 
-def bare_in_child(source: str, jobs: int, shots: int) -> list[float]:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.throughput", "--bare", str(jobs), "--shots", str(shots)],
-        input=source, capture_output=True, text=True, check=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    return list(json.loads(out.stdout))
+# -- one case, one round -----------------------------------------------------------------
 
 
-def row(name: str, rate: float, lat: list[float]) -> str:
-    return (f"{name:<38} {rate:>9.1f} {statistics.median(lat) * 1e3:>10.3f} "
-            f"{percentile(lat, 0.99) * 1e3:>10.3f}")
+@dataclass(slots=True)
+class Figures:
+    """One case's figures from one round."""
+
+    rate: float
+    p50: float
+    p99: float
+    ceiling_rate: float
+    ceiling_p50: float
+
+    @property
+    def ratio(self) -> float:
+        return self.rate / self.ceiling_rate
+
+
+@dataclass(slots=True)
+class Case:
+    key: str  # the shape's key in traffic.shapes(), for goals and job counts
+    shape: Shape
+    distinct: bool
+    jobs: int
+    rounds: list[Figures] = field(default_factory=list)
+
+    def median(self, name: str) -> float:
+        return statistics.median(getattr(f, name) for f in self.rounds)
+
+
+async def measure(case: Case, orch: LocalOrchestrator, ceiling: Ceiling, seeds: Iterator[int],
+                  in_flight: int, ceiling_first: bool) -> float:
+    """Run one round of `case` (both sides, on the same payloads); returns its wall seconds."""
+    t0 = time.perf_counter()
+    payloads = case.shape.jobs(seeds, case.jobs, case.distinct)  # built before any clock
+    run_s: list[float] = []
+    if ceiling_first:
+        run_s = await asyncio.to_thread(ceiling.run, payloads)
+    seconds, latencies = await drive(orch, payloads, in_flight)
+    if not ceiling_first:
+        run_s = await asyncio.to_thread(ceiling.run, payloads)
+    case.rounds.append(Figures(
+        rate=len(payloads) / seconds,
+        p50=statistics.median(latencies),
+        p99=percentile(latencies, 0.99),
+        ceiling_rate=len(run_s) / sum(run_s),
+        ceiling_p50=statistics.median(run_s),
+    ))
+    return time.perf_counter() - t0
+
+
+def table(title: str, cases: Sequence[Case], goals: bool) -> None:
+    print(f"\n{title}")
+    print(f"{'case':<11} {'jobs':>5} {'jobs/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'Aer jobs/s':>10} {'Aer ms':>7} {'ratio':>6}  goal")
+    for c in cases:
+        ratio = c.median("ratio")
+        goal = GOALS.get(c.key) if goals else None
+        verdict = (f">= {goal:.1f}x {'meets' if ratio >= goal else 'below'}"
+                   if goal is not None else "-")
+        print(f"{c.shape.name:<11} {c.jobs:>5} {c.median('rate'):>8.1f} "
+              f"{c.median('p50') * 1e3:>8.1f} {c.median('p99') * 1e3:>8.1f} "
+              f"{c.median('ceiling_rate'):>10.1f} {c.median('ceiling_p50') * 1e3:>7.2f} "
+              f"{ratio:>5.2f}x  {verdict}")
+
+
+# -- heartbeats under load ------------------------------------------------------------------
+
+
+def _driver_time(ts: str) -> float:
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+
+
+async def heartbeat_phase(orch: TimedOrchestrator, shape: Shape, seeds: Iterator[int],
+                          in_flight: int, rate: float, seconds: float, period: float) -> None:
+    """QFT-12 distinct load for about `seconds` (sized from the measured `rate`), then the
+    intervals between the heartbeats that arrived meanwhile, against `period`."""
+    jobs = max(4 * in_flight, math.ceil(rate * seconds))
+    payloads = shape.jobs(seeds, jobs)
+    first = len(orch.beats)
+    took, _ = await drive(orch, payloads, in_flight)
+    beats = orch.beats[first:]
+    low, high = period * (1 - HEARTBEAT_TOLERANCE), period * (1 + HEARTBEAT_TOLERANCE)
+    print(f"\nheartbeats under {shape.name} load: {jobs} jobs in {took:.1f} s "
+          f"({jobs / took:.1f} jobs/s), {in_flight} in flight; configured period {period:g} s, "
+          f"goal {low:.2f}..{high:.2f} s")
+    if len(beats) < 3:
+        print(f"  only {len(beats)} heartbeat(s) arrived: run the load longer "
+              "(--heartbeat-load) to judge the period")
+        return
+    arrived = [b.arrived - a.arrived for a, b in itertools.pairwise(beats)]
+    sent = [_driver_time(b.sent) - _driver_time(a.sent) for a, b in itertools.pairwise(beats)]
+    changed = sum(a.status != b.status for a, b in itertools.pairwise(beats))
+    for label, gaps in (("as received", arrived), ("as stamped by the driver", sent)):
+        inside = sum(low <= g <= high for g in gaps)
+        longest = max(gaps)
+        print(f"  {label:<25} n={len(gaps):<4} median {statistics.median(gaps):.3f} s  "
+              f"min {min(gaps):.3f}  max {longest:.3f}  within goal {inside}/{len(gaps)}; "
+              f"longest {'within' if longest <= high else 'ABOVE'} {high:.2f} s")
+    # The daemon also beats at once when its status flips (busy/idle at a batch boundary,
+    # coalesced), even when the next batch starts straight away and the beat reads "busy"
+    # again: intervals below the period are those, not a fast timer. A stall shows as the
+    # longest interval.
+    print(f"  {changed} of {len(arrived)} beats changed status; intervals under {low:.2f} s "
+          "are beats sent on a status flip at a batch boundary, not the timer")
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+async def wait_online(orch: LocalOrchestrator, d: Daemon) -> None:
+    deadline = time.monotonic() + 120
+    while not orch.online:
+        if d.proc.poll() is not None:
+            raise SystemExit(f"daemon exited {d.proc.returncode}:\n{d.output()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"daemon did not connect within 120 s:\n{d.output()[-3000:]}")
+        await asyncio.sleep(0.05)
 
 
 async def main(args: argparse.Namespace) -> None:
-    orch = LocalOrchestrator(port=0, driver_name="bench", wire_format=args.wire_format)
+    every = shapes(args.shots, args.sweep_rows)
+    keys = [k.strip() for k in args.cases.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in every]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; choose from {', '.join(every)}")
+    primary = [Case(k, every[k], True, args.jobs or DEFAULT_JOBS[k]) for k in keys]
+    secondary = ([] if args.no_identical else
+                 [Case(k, every[k], False, args.jobs or DEFAULT_JOBS[k]) for k in keys])
+    seeds = itertools.count(1)  # one stream for the whole run: no text is ever sent twice
+
+    orch = TimedOrchestrator(port=0, driver_name="bench", wire_format=args.wire_format)
     await orch.start()
-    data = tempfile.mkdtemp(prefix="qpi-bench-")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "QPI_ADDR": orch.url,
-           "QPI_ACCESS_TOKEN": orch.token, "QPI_CA_FINGERPRINT": orch.ca_fingerprint or "",
-           "QPI_DATA_DIR": data, "QPI_METRICS_ADDR": "", "QPI_LOG_FORMAT": "json",
-           "QPI_LOG_LEVEL": args.log_level}
-    log = open(Path(data) / "daemon.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "driver"], env=env, stdout=log, stderr=log)
+    tmp = Path(tempfile.mkdtemp(prefix="qpi-bench-"))
+    d = start_daemon(tmp, daemon_env(tmp, orch, QPI_DRIVER_NAME="bench",
+                                     QPI_LOG_LEVEL=args.log_level,
+                                     QPI_WIRE_FORMAT=args.wire_format,
+                                     QPI_HEARTBEAT_INTERVAL=str(args.heartbeat)))
+    ceiling = Ceiling()
     try:
-        while not orch.online:
-            if proc.poll() is not None:
-                raise SystemExit(f"daemon exited {proc.returncode}; see {log.name}")
-            await asyncio.sleep(0.05)
-        big = random_circuit_qasm()
-        await driven(orch, BELL, 50, 1024, 1)  # warm both sides
-        cases: dict[str, list[float]] = {}
-        rates: dict[str, list[float]] = {}
-
-        def note(name: str, rate: float, lat: list[float]) -> None:
-            cases.setdefault(name, []).extend(lat)
-            rates.setdefault(name, []).append(rate)
-
-        for _ in range(args.rounds):
-            t0 = time.perf_counter()
-            lat = bare_in_child(BELL, args.jobs, 1024)
-            note("bare loop, Bell 1024 shots", len(lat) / sum(lat), lat)
-            note("driver, Bell 1024 shots, 1 in flight",
-                 *await driven(orch, BELL, args.jobs, 1024, 1))
-            note("driver, Bell 1024 shots, 16 in flight",
-                 *await driven(orch, BELL, args.jobs * 2, 1024, 16))
-            lat = bare_in_child(big, args.big_jobs, 1024)
-            note("bare loop, 20-qubit random", len(lat) / sum(lat), lat)
-            note("driver, 20-qubit random, 1 in flight",
-                 *await driven(orch, big, args.big_jobs, 1024, 1))
-            print(f"# round done in {time.perf_counter() - t0:.1f} s", flush=True)
-        print(f"# wire format {args.wire_format}, daemon log level {args.log_level}, "
-              f"{os.cpu_count()} cores, {args.rounds} rounds; latencies in ms; jobs/s is "
-              "the median over rounds")
-        print(f"{'case':<38} {'jobs/s':>9} {'p50':>10} {'p99':>10}")
-        for name, lat in cases.items():
-            print(row(name, statistics.median(rates[name]), lat))
-        med = {name: statistics.median(lat) for name, lat in cases.items()}
-        rate = {name: statistics.median(r) for name, r in rates.items()}
-        print()
-        ratio = rate["driver, Bell 1024 shots, 16 in flight"] / rate["bare loop, Bell 1024 shots"]
-        gap = (med["driver, Bell 1024 shots, 1 in flight"] - med["bare loop, Bell 1024 shots"])
-        big_ratio = med["driver, 20-qubit random, 1 in flight"] / med["bare loop, 20-qubit random"]
-        print(f"16 in flight / bare jobs/s:   {ratio:6.2f}x    (goal >= 1)")
-        print(f"1 in flight p50 - bare p50:   {gap * 1e3:+6.3f} ms (goal <= +0.3 ms)")
-        print(f"20-qubit p50 driver / bare:   {big_ratio:6.3f}x    (goal <= 1.05)")
+        await wait_online(orch, d)
+        for case in primary:  # warm both sides: executor, codecs, store, Aer
+            warm = case.shape.jobs(seeds, 2 if case.key == "random-20" else 8)
+            await drive(orch, warm, min(len(warm), args.in_flight))
+            await asyncio.to_thread(ceiling.run, warm[:2])
+        print(f"# {os.cpu_count()} cores, {args.in_flight} jobs in flight, {args.shots} shots, "
+              f"wire format {args.wire_format}, daemon log level {args.log_level}, "
+              f"{args.rounds} round(s); figures are medians over rounds", flush=True)
+        for r in range(args.rounds):
+            took = 0.0
+            for case in primary + secondary:
+                took += await measure(case, orch, ceiling, seeds, args.in_flight,
+                                      ceiling_first=r % 2 == 1)
+            print(f"# round {r + 1} done in {took:.1f} s", flush=True)
+        print("\njobs/s: through the daemon, first submit to last result; p50/p99: one job, "
+              "submit to result\nAer jobs/s, Aer ms: the ceiling, Aer's run alone on the same "
+              "circuits (no parsing, no transport); ratio: jobs/s over Aer jobs/s")
+        table("distinct OpenQASM 3 texts, as qpi-client sends them", primary, goals=True)
+        if secondary:
+            table("secondary: one identical text per case (the parse cache hits; not what "
+                  "clients send)", secondary, goals=False)
+        qft = next((c for c in primary if c.key == "QFT-12"), None)
+        if qft is not None and args.heartbeat_load > 0:
+            await heartbeat_phase(orch, qft.shape, seeds, args.in_flight, qft.median("rate"),
+                                  args.heartbeat_load, args.heartbeat)
     finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+        ceiling.close()
+        code = d.stop(timeout=60)
         await orch.stop()
+        print(f"\n# daemon exit status {code}" + (f"; kept {tmp}" if args.keep else ""))
+        if code != 0:
+            print(d.output()[-3000:], file=sys.stderr)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ceiling-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--in-flight", type=int, default=16)
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="jobs per case per round (default: "
+                             + ", ".join(f"{k} {v}" for k, v in DEFAULT_JOBS.items()) + ")")
+    parser.add_argument("--cases", default=",".join(DEFAULT_JOBS),
+                        help="comma-separated, from: " + ", ".join(DEFAULT_JOBS))
+    parser.add_argument("--no-identical", action="store_true",
+                        help="skip the identical-text secondary figures")
+    parser.add_argument("--shots", type=int, default=SHOTS)
+    parser.add_argument("--sweep-rows", type=int, default=16, help="bound circuits per sweep job")
+    parser.add_argument("--heartbeat", type=float, default=1.0,
+                        help="QPI_HEARTBEAT_INTERVAL for the daemon, seconds")
+    parser.add_argument("--heartbeat-load", type=float, default=15.0,
+                        help="seconds of QFT-12 load to watch heartbeats under (0: skip)")
+    parser.add_argument("--wire-format", choices=["msgpack", "json"], default="msgpack")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--keep", action="store_true", help="keep the data dir and daemon log")
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bare", type=int, help=argparse.SUPPRESS)  # child: N jobs from stdin
-    parser.add_argument("--shots", type=int, default=1024, help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=300)
-    parser.add_argument("--big-jobs", type=int, default=7)
-    parser.add_argument("--wire-format", choices=["msgpack", "json"], default="msgpack")
-    parser.add_argument("--log-level", default="info")
-    cli = parser.parse_args()
-    if cli.bare:
-        print(json.dumps(bare_loop(sys.stdin.read(), cli.bare, cli.shots)[1]))
+    cli = parse_args()
+    if cli.ceiling_child:
+        ceiling_child()
     else:
         asyncio.run(main(cli))
