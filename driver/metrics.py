@@ -42,7 +42,8 @@ class Metrics:
                                 ["executor"], registry=r)
         self.shots = Counter("qpi_shots_executed", "Shots executed", ["executor"], registry=r)
         self.queue_wait = Histogram("qpi_job_queue_wait_seconds",
-                                    "Time from receipt to the start of execution",
+                                    "Time from receipt to the start of execution (or to "
+                                    "the refusal of a circuit that does not parse)",
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.execution = Histogram("qpi_job_execution_seconds",
                                    "Time in the executor per batch of jobs",
@@ -58,6 +59,9 @@ class Metrics:
                                  registry=r)
         self.pending = Gauge("qpi_results_pending_delivery", "Results owed to the orchestrator",
                              registry=r)
+        self.duplicates = Counter("qpi_duplicate_dispatches",
+                                  "Dispatches of a job already in hand or answered",
+                                  registry=r)
         self.heartbeats = Counter("qpi_heartbeats_sent", "Heartbeat events sent", registry=r)
         self.worker_restarts = Counter("qpi_worker_restarts", "Executor process restarts",
                                        registry=r)
@@ -75,6 +79,29 @@ class Metrics:
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
+
+    def counters(self) -> dict[str, int]:
+        """The heartbeat's counters, read from the metrics (counted nowhere else)."""
+        ok = failed = 0
+        for sample in _samples(self.jobs):
+            if sample.labels["outcome"] == "ok":
+                ok += int(sample.value)
+            else:
+                failed += int(sample.value)
+        return {"jobs_ok": ok, "jobs_failed": failed,
+                "duplicates": _total(self.duplicates),
+                "malformed_frames": _total(self.malformed),
+                "worker_restarts": _total(self.worker_restarts),
+                "reconnects": _total(self.reconnects)}
+
+
+def _samples(counter: Counter) -> list[Any]:
+    return [s for metric in counter.collect() for s in metric.samples
+            if s.name.endswith("_total")]
+
+
+def _total(counter: Counter) -> int:
+    return int(sum(s.value for s in _samples(counter)))
 
 
 class NvmlCollector(Collector):
