@@ -40,8 +40,8 @@ class ProtocolMismatch(RegistrationError):
 
 
 @dataclass(frozen=True, slots=True)
-class Session:
-    """What a connect returns: where to dial and how to talk."""
+class Registration:
+    """The orchestrator's connect reply: where to dial and how to talk."""
 
     name: str
     nng_host: str
@@ -61,7 +61,7 @@ class Registrar:
         self._token = settings.access_token
         self._capabilities = capabilities
 
-    async def connect(self) -> Session:
+    async def connect(self) -> Registration:
         """One attempt: CA first (so the token never goes to an unpinned peer), then connect."""
         timeout = aiohttp.ClientTimeout(total=self._settings.connect_timeout_s)
         try:
@@ -72,7 +72,21 @@ class Registrar:
             raise OrchestratorDown(
                 f"orchestrator {self._base} unreachable: {exc.__class__.__name__}: {exc}"
             ) from None
-        return self._session(reply, ca_pem)
+        return self._registration(reply, ca_pem)
+
+    async def preflight(self) -> None:
+        """Reach the orchestrator and pin its CA, without registering: run while the
+        executor warms up, so a wrong URL or fingerprint is reported at once."""
+        if self._settings.insecure_tcp:
+            return
+        timeout = aiohttp.ClientTimeout(total=self._settings.connect_timeout_s)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                await self._root_ca(http)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise OrchestratorDown(
+                f"orchestrator {self._base} unreachable: {exc.__class__.__name__}: {exc}"
+            ) from None
 
     async def _root_ca(self, http: aiohttp.ClientSession) -> str:
         url = f"{self._base}/api/pub/root-ca.pem"
@@ -139,13 +153,13 @@ class Registrar:
                 raise ProtocolMismatch(f"{path} answered 200 with a {type(data).__name__}")
             return 200, data
 
-    def _session(self, reply: dict[str, Any], ca_pem: str | None) -> Session:
+    def _registration(self, reply: dict[str, Any], ca_pem: str | None) -> Registration:
         try:
             fmt = reply.get("wire_format") or "json"
             if fmt not in WIRE_FORMATS:
                 raise ProtocolMismatch(f"orchestrator chose unknown wire_format {fmt!r}")
             interval = reply.get("heartbeat_interval_s")
-            return Session(
+            return Registration(
                 name=str(reply.get("name") or self._settings.driver_name),
                 nng_host=str(reply["nng_host"]),
                 nng_in_port=int(reply["nng_in_port"]),

@@ -36,6 +36,13 @@ class JobError(Exception):
     def to_result(self) -> dict[str, Any]:
         return {"error": self.message, "error_code": self.code, **self.details}
 
+    def __reduce__(self) -> Any:  # crosses process pipes; Exception's default drops `code`
+        return (_job_error, (self.code, self.message, self.details))
+
+
+def _job_error(code: str, message: str, details: dict[str, Any]) -> JobError:
+    return JobError(code, message, **details)
+
 
 @dataclass(frozen=True, slots=True)
 class Experiment:

@@ -4,38 +4,47 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from driver.outcome import Outcome
 from driver.store import ResultStore
+from executors.base import ErrorCode, JobError
+
+
+def ok(job_id: str, result: dict[str, object]) -> Outcome:
+    return Outcome.succeeded(job_id, dict(result))
 
 
 def test_owed_results_survive_reopen_and_follow_acks(tmp_path: Path) -> None:
     path = tmp_path / "r.sqlite3"
     store = ResultStore(path)
     store.mark_running(["a", "b", "c"])
-    store.finish([("a", {"counts": {"0": 1}}), ("b", {"error": "x", "error_code": "JOB_FAILED"})])
+    store.finish([ok("a", {"counts": {"0": 1}}),
+                  Outcome.failed("b", JobError(ErrorCode.JOB_FAILED, "x"))])
     store.close()
     store = ResultStore(path)
-    assert [j for j, _ in store.undelivered(acks=False)] == ["a", "b"]
+    owed = store.undelivered(acks=False)
+    assert [o.job_id for o in owed] == ["a", "b"]
+    assert owed[1].error is not None and owed[1].error.code == "JOB_FAILED"
     assert store.recover_interrupted() == ["c"]  # was running when the process died
     state = store.state("c")
     assert state is not None and state[1] is not None
-    assert state[1]["error_code"] == "EXECUTOR_CRASHED"
+    assert state[1].error is not None and state[1].error.code == "EXECUTOR_CRASHED"
     store.mark_delivered(["a", "b", "c"])
     assert store.undelivered(acks=False) == []
-    assert {j for j, _ in store.undelivered(acks=True)} == {"a", "b", "c"}
+    assert {o.job_id for o in store.undelivered(acks=True)} == {"a", "b", "c"}
     store.mark_acked("a")
-    assert {j for j, _ in store.undelivered(acks=True)} == {"b", "c"}
-    assert store.state("a") == ("done", {"counts": {"0": 1}})
+    assert {o.job_id for o in store.undelivered(acks=True)} == {"b", "c"}
+    assert store.state("a") == ("done", ok("a", {"counts": {"0": 1}}))
     assert store.state("zzz") is None
 
 
 def test_prune_drops_only_delivered_results(tmp_path: Path) -> None:
     store = ResultStore(tmp_path / "r.sqlite3", retention_s=0.0, max_rows=1000)
-    store.finish([(f"j{i}", {"n": i}) for i in range(10)])
+    store.finish([ok(f"j{i}", {"n": i}) for i in range(10)])
     store.mark_delivered([f"j{i}" for i in range(6)])
     assert store.prune() == 6
     assert store.count() == 4  # never delivered: still owed, kept
     capped = ResultStore(tmp_path / "c.sqlite3", retention_s=1e9, max_rows=3)
-    capped.finish([(f"k{i}", {"n": i}) for i in range(5)])
+    capped.finish([ok(f"k{i}", {"n": i}) for i in range(5)])
     capped.mark_delivered([f"k{i}" for i in range(5)])
     assert capped.prune() == 2 and capped.count() == 3
     assert capped.state("k0") is None and capped.state("k4") is not None
