@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     result_retention_s: float = Field(7 * 86400.0, gt=0, description="keep delivered results")
     result_max_rows: int = Field(200_000, gt=0, description="cap of the result store")
     batch_max_jobs: int = Field(64, gt=0, description="queued jobs run together in one call")
+    batch_max_seconds: float = Field(
+        0.25, gt=0, description="work per batch, by recent run times: what one crash can cost"
+    )
 
     # Operations
     data_dir: Path = Field(default_factory=_default_data_dir)
