@@ -108,6 +108,7 @@ class Driver:
         registrar = Registrar(self.settings, self.status.capabilities)
         backoff = Backoff(cap=self.settings.backoff_max_s)
         while not self.should_exit.is_set():
+            session: OrchestratorSession | None = None
             try:
                 session = OrchestratorSession(await registrar.connect(),
                                               self.settings.max_frame_bytes)
@@ -125,11 +126,12 @@ class Driver:
                 continue
             except (OrchestratorDown, ProtocolMismatch, pynng.NNGException) as exc:
                 delay = backoff.next_delay()
-                await self._unreachable(exc, locals().get("session"), delay)
+                await self._unreachable(exc, session, delay)
                 await self._retry_in(delay)
                 continue
             backoff.reset()
             self.status.problems.pop("tls", None)
+            assert session is not None
             await self._serve_session(session)
         return 0
 
