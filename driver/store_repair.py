@@ -266,14 +266,16 @@ def _copy_of(path: Path) -> Iterator[Path]:
 
 def _with_cli(copy: Path, sqlite3_bin: str) -> tuple[dict[str, Row], str | None]:
     """sqlite's own recovery (`.recover` of the sqlite3 shell) into a scratch database."""
+    probe = subprocess.run([sqlite3_bin, ":memory:", "SELECT 1 FROM sqlite_dbpage LIMIT 0"],
+                           capture_output=True, timeout=60, check=False)
+    if probe.returncode != 0:
+        return {}, (f"{sqlite3_bin} cannot run .recover: it is built without the "
+                    "sqlite_dbpage table (as Debian 12's is), so rows were read one by one")
     dump = subprocess.run([sqlite3_bin, str(copy), ".recover --ignore-freelist"],
                           capture_output=True, timeout=3600, check=False)
     if dump.returncode != 0:
-        why = dump.stderr.decode(errors="replace")
-        if "sqlite_dbpage" in why:
-            return {}, (f"{sqlite3_bin} cannot run .recover: it is built without the "
-                        "sqlite_dbpage table (as Debian 12's is), so rows were read one by one")
-        lines = why.strip().splitlines() or [f"exit status {dump.returncode}"]
+        lines = dump.stderr.decode(errors="replace").strip().splitlines() or [
+            f"exit status {dump.returncode}"]
         return {}, f"{sqlite3_bin} .recover failed ({'; '.join(lines)[:200]})"
     scratch = copy.with_name("recovered.sqlite3")
     load = subprocess.run([sqlite3_bin, str(scratch)], input=dump.stdout, capture_output=True,
