@@ -1,24 +1,31 @@
-"""cuStateVec + CuPy backend: one handle, stream, state buffer, workspace and matrix
-arena per executor, grown as needed and reused across jobs. Imported only when a
-GpuExecutor is constructed with backend="custatevec"."""
+"""cuStateVec + CuPy backend (`backend.Backend`): one handle, stream, state buffer,
+workspace and matrix arena per executor, grown as needed and reused across jobs. Imported
+only when a GpuExecutor is constructed with backend="custatevec"."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from executors import ExecutorUnavailable
+from executors.gpu.backend import Footprint, Pass
 
 INSTALL_HINT = "pip install 'qpi-driver[gpu]'"
 # cudaDataType_t values (C ABI constants), used if cuquantum does not export the enum.
 _CUDA_C_32F = 4
 _CUDA_C_64F = 5
-# Headroom kept free beyond state and workspace: the sampler's workspace (sized only once
-# it is created), cuBLAS handles and allocator rounding.
-_MARGIN_BYTES = 256 << 20
+# Headroom kept free beyond state, matrices and workspace: the library context's own
+# workspace, cuBLAS handles, CUDA context growth and allocator rounding.
+MARGIN_BYTES = 256 << 20
+# The sampler's workspace is known only from sampler_create, which needs a state buffer;
+# until one size has been seen, admission assumes this fraction of the state.
+SAMPLER_ESTIMATE_FRACTION = 64
+# cuStateVec statuses that mean memory ran out (custatevec.h, custatevecStatus_t).
+_OUT_OF_MEMORY_STATUSES = ("ALLOC_FAILED", "INSUFFICIENT_WORKSPACE", "DEVICE_ALLOCATOR_ERROR")
+_PAULI_X = np.array([[0, 1], [1, 0]])
 
 
 def probe(device_id: int) -> tuple[Any, Any, Any]:
@@ -82,6 +89,11 @@ class CuStateVecBackend:
         compute = cusv.ComputeType
         self._compute = int(compute.COMPUTE_32F if single else compute.COMPUTE_64F)
         self._layout = int(cusv.MatrixLayout.ROW)
+        self._error_type: type[BaseException] | None = getattr(cusv, "cuStateVecError", None)
+        status = getattr(cusv, "Status", None)
+        self._oom_statuses = {
+            int(getattr(status, name)) for name in _OUT_OF_MEMORY_STATUSES if hasattr(status, name)
+        }
         self.device_id = device_id
         self._device = cp.cuda.Device(device_id)
         try:
@@ -104,7 +116,12 @@ class CuStateVecBackend:
         self._workspace: Any = None
         self._arena: Any = None
         self._saved_pool: list[Any] = []
-        self._ws_sizes: dict[tuple[int, int, int, bool], int] = {}
+        # Workspace sizes by every argument the size query takes (see _query_*): a size
+        # queried for other target positions or another matrix location is not reused.
+        self._ws_sizes: dict[tuple[Any, ...], int] = {}
+        self._sampler_ws: dict[tuple[int, int], int] = {}
+        self._host_probes: dict[tuple[int, bool], np.ndarray] = {}
+        self._x_host = np.ascontiguousarray(_PAULI_X, dtype=self.dtype)
         self._closed = False
 
     # --- lifetime -----------------------------------------------------------------------
@@ -139,16 +156,38 @@ class CuStateVecBackend:
     def state_bytes(self, num_qubits: int) -> int:
         return (1 << num_qubits) * self.dtype.itemsize
 
-    def required_bytes(self, num_qubits: int, max_targets: int) -> int:
-        state = self.state_bytes(num_qubits)
-        workspace = 0
-        if 0 < max_targets <= num_qubits <= 40:
-            with self._device, contextlib.suppress(Exception):
-                workspace = self._matrix_workspace(num_qubits, max_targets, 0)
-        return state + workspace + _MARGIN_BYTES + state // 64
+    def statevector_host_bytes(self, num_qubits: int) -> int:
+        # asnumpy copies in the state's own precision; single is then widened to double.
+        widened = 0 if self.dtype == np.complex128 else 16
+        return (1 << num_qubits) * (self.dtype.itemsize + widened)
 
-    def is_out_of_memory(self, exc: BaseException) -> bool:
-        return isinstance(exc, self._cp.cuda.memory.OutOfMemoryError)
+    def required_bytes(
+        self, footprint: Footprint, refs: Sequence[Any] | None = None
+    ) -> Mapping[str, int]:
+        """State, matrix arena, the largest workspace any pass or the sampler asks for
+        (they share one buffer) and a fixed margin. Without `refs` the matrix
+        workspace is queried for host matrices, an estimate until the plan is uploaded."""
+        n = footprint.num_qubits
+        workspace = 0
+        if n > 0:
+            with self._device:
+                for shape in footprint.passes:
+                    workspace = max(workspace, self._pass_workspace(n, shape, refs))
+                if footprint.sampler_shots:
+                    workspace = max(workspace, self._sampler_workspace(n, footprint.sampler_shots))
+        return {
+            "state": self.state_bytes(n),
+            "matrices": footprint.matrix_elements * self.dtype.itemsize,
+            "workspace": workspace,
+            "margin": MARGIN_BYTES,
+        }
+
+    def out_of_memory(self, exc: BaseException) -> bool:
+        if isinstance(exc, (MemoryError, self._cp.cuda.memory.OutOfMemoryError)):
+            return True
+        if self._error_type is not None and isinstance(exc, self._error_type):
+            return int(getattr(exc, "status", -1)) in self._oom_statuses
+        return False
 
     def close(self) -> None:
         if self._closed:
@@ -188,17 +227,43 @@ class CuStateVecBackend:
             self._workspace = self._cp.empty(nbytes, dtype=np.uint8)
         return int(self._workspace.data.ptr), int(self._workspace.nbytes)
 
-    def _matrix_workspace(self, n: int, n_targets: int, n_controls: int) -> int:
-        key = (n, n_targets, n_controls, False)
+    def _host_probe(self, n_targets: int, diagonal: bool) -> np.ndarray:
+        key = (n_targets, diagonal)
+        probe_matrix = self._host_probes.get(key)
+        if probe_matrix is None:
+            dim = 1 << n_targets
+            shape = (dim,) if diagonal else (dim, dim)
+            probe_matrix = self._host_probes[key] = np.zeros(shape, dtype=self.dtype)
+        return probe_matrix
+
+    def _pass_workspace(self, n: int, shape: Pass, refs: Sequence[Any] | None) -> int:
+        if not shape.targets:
+            return 0  # never reaches cuStateVec (lowering folds 0-target gates)
+        if refs is not None and shape.block >= 0:
+            ref, on_device = int(refs[shape.block]), True
+        else:
+            ref, on_device = (
+                int(self._host_probe(len(shape.targets), shape.diagonal).ctypes.data),
+                False,
+            )
+        if shape.diagonal:
+            return self._query_diagonal(n, ref, on_device, shape.targets, shape.n_controls)
+        return self._query_matrix(n, ref, on_device, len(shape.targets), shape.n_controls)
+
+    def _query_matrix(
+        self, n: int, matrix: int, on_device: bool, n_targets: int, n_controls: int
+    ) -> int:
+        # The query takes the matrix pointer (host or device), the target and control
+        # counts; data type, layout and compute type are fixed per backend.
+        key = ("matrix", n, on_device, n_targets, n_controls)
         size = self._ws_sizes.get(key)
         if size is None:
-            probe_matrix = np.eye(1 << n_targets, dtype=self.dtype)
-            size = int(
+            size = self._ws_sizes[key] = int(
                 self._cusv.apply_matrix_get_workspace_size(
                     self._handle,
                     self._sv_type,
                     n,
-                    probe_matrix.ctypes.data,
+                    matrix,
                     self._sv_type,
                     self._layout,
                     0,
@@ -207,33 +272,51 @@ class CuStateVecBackend:
                     self._compute,
                 )
             )
-            self._ws_sizes[key] = size
         return size
 
-    def _diagonal_workspace(self, n: int, targets: list[int], n_controls: int) -> int:
-        key = (n, len(targets), n_controls, True)
+    def _query_diagonal(
+        self, n: int, diagonals: int, on_device: bool, targets: Sequence[int], n_controls: int
+    ) -> int:
+        # This query takes the target positions themselves, not only their count.
+        key = ("diagonal", n, on_device, tuple(targets), n_controls)
         size = self._ws_sizes.get(key)
         if size is None:
-            probe_diag = np.ones(1 << len(targets), dtype=self.dtype)
-            size = int(
+            size = self._ws_sizes[key] = int(
                 self._cusv.apply_generalized_permutation_matrix_get_workspace_size(
                     self._handle,
                     self._sv_type,
                     n,
                     0,
-                    probe_diag.ctypes.data,
+                    diagonals,
                     self._sv_type,
-                    targets,
+                    list(targets),
                     len(targets),
                     n_controls,
                 )
             )
-            self._ws_sizes[key] = size
         return size
+
+    def _sampler_workspace(self, n: int, shots: int) -> int:
+        known = self._sampler_ws.get((n, shots))
+        if known is not None:
+            return known
+        if self._sv is not None and self._sv.size >= 1 << n:
+            # sampler_create only sizes its workspace; our own buffer is a valid state.
+            sampler, size = self._cusv.sampler_create(
+                self._handle, int(self._sv.data.ptr), self._sv_type, n, shots
+            )
+            self._cusv.sampler_destroy(sampler)
+            self._sampler_ws[(n, shots)] = int(size)
+            return int(size)
+        return self.state_bytes(n) // SAMPLER_ESTIMATE_FRACTION
 
     # --- state --------------------------------------------------------------------------
 
     def reset_state(self, num_qubits: int) -> None:
+        if num_qubits < 1:
+            # cuStateVec's header does not define nIndexBits = 0; the executor runs
+            # 0-qubit circuits on the host.
+            raise ValueError("the cuStateVec backend needs at least one qubit")
         self._ensure_state(1 << num_qubits)
         self.num_qubits = num_qubits
         self._cusv.initialize_state_vector(
@@ -263,19 +346,31 @@ class CuStateVecBackend:
         base = int(self._arena.data.ptr)
         return [base + off * self.dtype.itemsize for off in offsets]
 
-    def apply_matrix(
-        self, ref: Any, targets: Sequence[int], controls: Sequence[int], ctrl_values: Sequence[int]
+    @staticmethod
+    def _check_targets(targets: Sequence[int]) -> None:
+        if not targets:
+            # The header neither allows nor forbids nTargets = 0; lowering folds a
+            # 0-target gate into the global phase (or a diagonal on its controls).
+            raise ValueError("a pass without target qubits reached the cuStateVec backend")
+
+    def _apply_dense(
+        self,
+        matrix: int,
+        on_device: bool,
+        targets: Sequence[int],
+        controls: Sequence[int],
+        ctrl_values: Sequence[int],
     ) -> None:
+        self._check_targets(targets)
         n = self.num_qubits
-        ws_ptr, ws_size = self._ensure_workspace(
-            self._matrix_workspace(n, len(targets), len(controls))
-        )
+        size = self._query_matrix(n, matrix, on_device, len(targets), len(controls))
+        ws_ptr, ws_size = self._ensure_workspace(size)
         self._cusv.apply_matrix(
             self._handle,
             int(self._sv.data.ptr),
             self._sv_type,
             n,
-            int(ref),
+            matrix,
             self._sv_type,
             self._layout,
             0,
@@ -289,14 +384,19 @@ class CuStateVecBackend:
             ws_size,
         )
 
+    def apply_matrix(
+        self, ref: Any, targets: Sequence[int], controls: Sequence[int], ctrl_values: Sequence[int]
+    ) -> None:
+        self._apply_dense(int(ref), True, targets, controls, ctrl_values)
+
     def apply_diagonal(
         self, ref: Any, targets: Sequence[int], controls: Sequence[int], ctrl_values: Sequence[int]
     ) -> None:
+        self._check_targets(targets)
         n = self.num_qubits
         target_list = list(targets)
-        ws_ptr, ws_size = self._ensure_workspace(
-            self._diagonal_workspace(n, target_list, len(controls))
-        )
+        size = self._query_diagonal(n, int(ref), True, target_list, len(controls))
+        ws_ptr, ws_size = self._ensure_workspace(size)
         # A null permutation makes the generalized permutation matrix a pure diagonal.
         self._cusv.apply_generalized_permutation_matrix(
             self._handle,
@@ -337,23 +437,24 @@ class CuStateVecBackend:
         p = self.probabilities([qubit])
         return float(p[0]), float(p[1])
 
-    def _halves(self, qubit: int) -> Any:
-        n = self.num_qubits
-        return self._state().reshape(1 << (n - 1 - qubit), 2, 1 << qubit)
-
     def collapse(self, qubit: int, outcome: int, probability: float) -> None:
-        view = self._halves(qubit)
-        view[:, 1 - outcome, :] = 0
-        view[:, outcome, :] *= 1.0 / np.sqrt(probability)
+        """Zero the other outcome and renormalise in one pass; cuStateVec scales the kept
+        amplitudes by 1/sqrt(norm), norm being the outcome's probability."""
+        self._cusv.collapse_on_z_basis(
+            self._handle,
+            int(self._sv.data.ptr),
+            self._sv_type,
+            self.num_qubits,
+            int(outcome),
+            [qubit],
+            1,
+            float(probability),
+        )
 
     def reset(self, qubit: int, outcome: int, probability: float) -> None:
-        view = self._halves(qubit)
-        scale = 1.0 / np.sqrt(probability)
-        if outcome:
-            self._cp.multiply(view[:, 1, :], scale, out=view[:, 0, :])
-        else:
-            view[:, 0, :] *= scale
-        view[:, 1, :] = 0
+        self.collapse(qubit, outcome, probability)
+        if outcome:  # |1> after the collapse: an X brings it to |0>
+            self._apply_dense(int(self._x_host.ctypes.data), False, [qubit], (), ())
 
     def sample(self, qubits: Sequence[int], shots: int, rng: np.random.Generator) -> np.ndarray:
         """All shots in one sampler pass over the state (cuStateVec's sampler)."""
@@ -362,6 +463,7 @@ class CuStateVecBackend:
             self._handle, int(self._sv.data.ptr), self._sv_type, self.num_qubits, shots
         )
         try:
+            self._sampler_ws[(self.num_qubits, shots)] = int(ws_bytes)
             ws_ptr, ws_size = self._ensure_workspace(int(ws_bytes))
             cusv.sampler_preprocess(self._handle, sampler, ws_ptr, ws_size)
             out = np.empty(shots, dtype=np.int64)
@@ -399,4 +501,4 @@ class CuStateVecBackend:
         return np.asarray(host, dtype=np.complex128)
 
 
-__all__ = ["INSTALL_HINT", "CuStateVecBackend", "probe"]
+__all__ = ["INSTALL_HINT", "MARGIN_BYTES", "CuStateVecBackend", "probe"]

@@ -1,11 +1,13 @@
 """GpuExecutor: runs jobs on one NVIDIA GPU through cuStateVec (or on the CPU through the
-NumPy reference backend), with plans and device buffers reused across jobs."""
+NumPy backend), with plans and device buffers reused across jobs."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,10 +23,12 @@ from executors.base import (
     Job,
     JobError,
     JobResult,
+    OptionError,
     circuit_header,
 )
+from executors.gpu.backend import Backend, Footprint, Pass
 from executors.gpu.lowering import MatrixCache, lower
-from executors.gpu.reference import NumpyBackend
+from executors.gpu.numpy_backend import NumpyBackend, available_host_memory
 from executors.gpu.runner import Plan, compile_plan, execute, to_counts
 
 PRECISIONS = ("single", "double")
@@ -49,8 +53,21 @@ def _fmt_bytes(n: int) -> str:
 def _int_option(options: Mapping[str, Any], name: str, default: int, minimum: int) -> int:
     value = options.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"gpu executor option {name!r} must be an integer >= {minimum}")
+        raise OptionError(
+            f"gpu executor option {name!r} must be an integer >= {minimum}, got {value!r}"
+        )
     return value
+
+
+def _choice_option(
+    options: Mapping[str, Any], name: str, default: str, allowed: Sequence[str]
+) -> str:
+    value = options.get(name, default)
+    if value not in allowed:
+        raise OptionError(
+            f"gpu executor option {name!r} must be one of {', '.join(allowed)}, got {value!r}"
+        )
+    return str(value)
 
 
 class GpuExecutor(Executor):
@@ -64,14 +81,8 @@ class GpuExecutor(Executor):
     """
 
     name: ClassVar[str] = "gpu"
-    OPTIONS: ClassVar[frozenset[str]] = frozenset({
-        "precision", "fusion_max_qubits", "seed", "device_id", "backend", "max_shots",
-        "max_saved_states"})
-
-    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(options)
-        opts = self.options
-        unknown = set(opts) - {
+    OPTIONS: ClassVar[frozenset[str]] = frozenset(
+        {
             "precision",
             "fusion_max_qubits",
             "seed",
@@ -80,27 +91,31 @@ class GpuExecutor(Executor):
             "max_shots",
             "max_saved_states",
         }
-        if unknown:
-            raise ValueError(f"unknown gpu executor options: {', '.join(sorted(unknown))}")
-        self.precision = str(opts.get("precision", "double"))
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"gpu executor option 'precision' must be one of {PRECISIONS}")
-        self.backend_name = str(opts.get("backend", "custatevec"))
-        if self.backend_name not in BACKENDS:
-            raise ValueError(f"gpu executor option 'backend' must be one of {BACKENDS}")
+    )
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)  # refuses unknown option names
+        opts = self.options
+        self.precision = _choice_option(opts, "precision", "double", PRECISIONS)
+        self.backend_name = _choice_option(opts, "backend", "custatevec", BACKENDS)
         self.fusion_max_qubits = _int_option(
             opts, "fusion_max_qubits", DEFAULT_FUSION_MAX_QUBITS, 0
         )
         if self.fusion_max_qubits > 10:
-            raise ValueError("gpu executor option 'fusion_max_qubits' must be at most 10")
+            raise OptionError(
+                f"gpu executor option 'fusion_max_qubits' must be at most 10, got "
+                f"{self.fusion_max_qubits}"
+            )
         self.device_id = _int_option(opts, "device_id", 0, 0)
         self.max_shots = _int_option(opts, "max_shots", DEFAULT_MAX_SHOTS, 1)
         self.max_saved_states = _int_option(opts, "max_saved_states", DEFAULT_MAX_SAVED_STATES, 0)
         seed = opts.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError("gpu executor option 'seed' must be an integer or null")
+            raise OptionError(
+                f"gpu executor option 'seed' must be an integer or null, got {seed!r}"
+            )
         self._rng = np.random.default_rng(seed)
-        self._backend: Any
+        self._backend: Backend
         if self.backend_name == "numpy":
             self._backend = NumpyBackend(self.precision)
         else:
@@ -108,6 +123,8 @@ class GpuExecutor(Executor):
             from executors.gpu.custatevec_backend import CuStateVecBackend
 
             self._backend = CuStateVecBackend(self.precision, self.device_id)
+        # 0-qubit circuits run on the host: cuStateVec does not define a 0-bit state.
+        self._host = NumpyBackend(self.precision)
         self._matrices = MatrixCache()
         self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
         self.stats: dict[str, int] = {
@@ -121,12 +138,7 @@ class GpuExecutor(Executor):
     # --- contract ---------------------------------------------------------------------
 
     def run(self, job: Job) -> JobResult:
-        if job.meas_level != 2:
-            raise JobError(
-                ErrorCode.CIRCUIT_INVALID,
-                f"meas_level {job.meas_level} is not available from a state-vector "
-                "simulator; use meas_level 2 (counts)",
-            )
+        # meas_level is checked by the daemon against Capabilities.meas_levels.
         start = time.perf_counter()
         results = []
         with self._backend.session():
@@ -151,6 +163,7 @@ class GpuExecutor(Executor):
             precision=self.precision,
             device=self._backend.device_name(),
             memory_bytes=total,
+            meas_levels=(2,),
             extra={
                 "backend": self.backend_name,
                 "device_id": self.device_id,
@@ -166,17 +179,24 @@ class GpuExecutor(Executor):
 
     # --- helpers ----------------------------------------------------------------------
 
+    def _nominal(self, n: int) -> Footprint:
+        # A register of n qubits with one pass of the widest fused block.
+        width = min(max(self.fusion_max_qubits, 1), n)
+        return Footprint(n, (Pass(tuple(range(width)), 0, False),), 0, 0)
+
     def max_qubits(self) -> int:
-        """Largest register whose state and workspace fit the device's total memory."""
+        """Largest register whose state, workspace and margin fit the device's total
+        memory (a plan's own matrices and sampler are checked per job)."""
         _, total = self._backend.memory()
-        n = 1
-        while n < 62 and self._backend.required_bytes(n + 1, self.fusion_max_qubits) <= total:
-            n += 1
+        n = min(62, max(1, int(math.log2(max(total // self._backend.dtype.itemsize, 2)))))
+        while n > 1 and sum(self._backend.required_bytes(self._nominal(n)).values()) > total:
+            n -= 1
         return n
 
     def plan_for(self, circuit: QuantumCircuit) -> tuple[Plan, list[np.ndarray], float]:
-        """Lower and compile `circuit` (reusing a cached plan of the same structure);
-        returns the plan, its bound matrices and the circuit's global phase."""
+        """Lower and compile `circuit` (the parsed circuit: nothing here reads text),
+        reusing a cached plan of the same structure; returns the plan, its bound
+        matrices and the circuit's global phase."""
         program = lower(circuit, self._matrices)
         key = (program.structure, self.fusion_max_qubits)
         plan = self._plans.get(key)
@@ -191,6 +211,9 @@ class GpuExecutor(Executor):
             self._plans.move_to_end(key)
         return plan, plan.bind(program.gates()), program.global_phase
 
+    def _backend_for(self, num_qubits: int) -> Backend:
+        return self._backend if num_qubits > 0 else self._host
+
     def statevector(self, circuit: QuantumCircuit) -> np.ndarray:
         """Final state of a circuit without mid-circuit measurement, reset or control flow
         (terminal measurements are ignored), global phase included."""
@@ -201,17 +224,41 @@ class GpuExecutor(Executor):
                 "statevector needs a circuit without mid-circuit measurement, reset or "
                 "classical control",
             )
-        with self._backend.session():
-            self._admit(plan)
-            refs = self._backend.upload(matrices)
-            execute(plan, refs, self._backend, 1, self._rng, max_saved_states=0)
-            state = self._backend.statevector()
+        backend = self._backend_for(plan.num_qubits)
+        self._check_host_memory(backend, plan.num_qubits)
+        with backend.session(), self._device_errors(backend, plan.footprint(1)):
+            refs, _ = self._admit_and_upload(backend, plan, matrices, 1)
+            execute(plan, refs, backend, 1, self._rng, max_saved_states=0)
+            state = backend.statevector()
         return state * np.exp(1j * phase)
 
-    def _too_big(self, n: int, need: int, free: int, total: int, why: str) -> JobError:
+    def _check_host_memory(self, backend: Backend, n: int) -> None:
+        need = backend.statevector_host_bytes(n)
+        free = available_host_memory()
+        if need > free:
+            raise JobError(
+                ErrorCode.QUOTA_EXCEEDED,
+                f"the {n}-qubit state vector needs {_fmt_bytes(need)} of host memory to be "
+                f"returned, but only {_fmt_bytes(free)} is available; sample it instead, or "
+                "free host memory",
+                required_bytes=need,
+                available_bytes=free,
+                num_qubits=n,
+            )
+
+    def _too_big(
+        self, backend: Backend, n: int, parts: Mapping[str, int], why: str | None = None
+    ) -> JobError:
+        free, total = backend.memory()
+        need = sum(parts.values())
+        detail = ", ".join(f"{name} {_fmt_bytes(size)}" for name, size in parts.items() if size)
+        reason = why or (
+            f"{_fmt_bytes(need)} ({detail}) but {backend.device_name()} has "
+            f"{_fmt_bytes(free)} free of {_fmt_bytes(total)}"
+        )
         return JobError(
             ErrorCode.QUOTA_EXCEEDED,
-            f"{n} qubits in {self.precision} precision need {why}; at most "
+            f"{n} qubits in {self.precision} precision need {reason}; at most "
             f"{self.max_qubits()} qubits fit",
             required_bytes=need,
             available_bytes=free,
@@ -219,30 +266,49 @@ class GpuExecutor(Executor):
             num_qubits=n,
             max_qubits=self.max_qubits(),
             precision=self.precision,
+            required_by_part=dict(parts),
         )
 
-    def _admit(self, plan: Plan) -> int:
-        """Check memory before allocating; returns how many extra state copies fit."""
-        backend = self._backend
-        n = plan.num_qubits
-        need = backend.required_bytes(n, plan.max_targets)
-        free, total = backend.memory()
-        if need > free:
-            raise self._too_big(
-                n, need, free, total,
-                f"{_fmt_bytes(need)} (state {_fmt_bytes(backend.state_bytes(n))} plus "
-                f"workspace) but {backend.device_name()} has {_fmt_bytes(free)} free of "
-                f"{_fmt_bytes(total)}",
-            )
-        if not plan.dynamic:
-            return 0
-        spare = (free - need) // max(backend.state_bytes(n), 1)
-        return int(max(0, min(self.max_saved_states, spare)))
+    def _admit(self, backend: Backend, footprint: Footprint, refs: Sequence[Any] | None) -> int:
+        """Refuse before allocating what does not fit; returns the spare bytes."""
+        parts = backend.required_bytes(footprint, refs)
+        free, _ = backend.memory()
+        if sum(parts.values()) > free:
+            raise self._too_big(backend, footprint.num_qubits, parts)
+        return free - sum(parts.values())
 
-    def _run_experiment(self, experiment: Experiment) -> ExperimentResult:
-        start = time.perf_counter()
-        circuit = experiment.circuit
-        shots = experiment.shots
+    def _admit_and_upload(
+        self, backend: Backend, plan: Plan, matrices: list[np.ndarray], shots: int
+    ) -> tuple[list[Any], int]:
+        """Admission, twice: an estimate before anything is allocated, then with the
+        uploaded matrices, whose device location the workspace queries take. Returns
+        the matrix refs and the bytes to spare."""
+        footprint = plan.footprint(shots)
+        self._admit(backend, footprint, None)
+        refs = backend.upload(matrices)
+        return refs, self._admit(backend, footprint, refs)
+
+    @contextmanager
+    def _device_errors(self, backend: Backend, footprint: Footprint) -> Iterator[None]:
+        """Out-of-memory from NumPy, CuPy or cuStateVec becomes QUOTA_EXCEEDED with the
+        figures; any other library error JOB_FAILED."""
+        try:
+            yield
+        except JobError:
+            raise
+        except Exception as exc:  # cuStateVec/CUDA errors surface as library exceptions
+            if backend.out_of_memory(exc):
+                n = footprint.num_qubits
+                why = (
+                    f"more memory than {backend.device_name()} could give while simulating "
+                    f"({type(exc).__name__}: {exc})"
+                )
+                raise self._too_big(backend, n, backend.required_bytes(footprint), why) from exc
+            raise JobError(
+                ErrorCode.JOB_FAILED, f"simulation failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _check_shots(self, shots: int) -> None:
         if shots < 1:
             raise JobError(ErrorCode.CIRCUIT_INVALID, f"shots must be at least 1, got {shots}")
         if shots > self.max_shots:
@@ -252,36 +318,42 @@ class GpuExecutor(Executor):
                 shots=shots,
                 max_shots=self.max_shots,
             )
+
+    def _check_state_fits(self, n: int) -> None:
+        # Refuse before lowering: the state alone cannot fit the device.
+        backend = self._backend
+        total = backend.memory()[1]
+        if n <= 62 and backend.state_bytes(n) <= total:
+            return
+        need = backend.state_bytes(n) if n <= 62 else 1 << 62
+        raise self._too_big(
+            backend,
+            n,
+            {"state": need},
+            f"at least {_fmt_bytes(need)} for the state alone; {backend.device_name()} has "
+            f"{_fmt_bytes(total)} in total",
+        )
+
+    def _saved_states(self, plan: Plan, backend: Backend, spare_bytes: int) -> int:
+        # State copies for branching, as many as the spare memory and the option allow.
+        if not plan.dynamic:
+            return 0
+        copies = spare_bytes // max(backend.state_bytes(plan.num_qubits), 1)
+        return int(max(0, min(self.max_saved_states, copies)))
+
+    def _run_experiment(self, experiment: Experiment) -> ExperimentResult:
+        start = time.perf_counter()
+        circuit = experiment.circuit  # parsed and bound by the daemon; never re-parsed
+        shots = experiment.shots
+        self._check_shots(shots)
         n = circuit.num_qubits
-        if n > 62 or self._backend.state_bytes(n) > self._backend.memory()[1]:
-            # Refuse before lowering: the state alone cannot fit the device.
-            free, total = self._backend.memory()
-            need = self._backend.state_bytes(n) if n <= 62 else 1 << 62
-            raise self._too_big(
-                n, need, free, total,
-                f"at least {_fmt_bytes(need)} for the state alone; "
-                f"{self._backend.device_name()} has {_fmt_bytes(total)} in total",
-            )
+        self._check_state_fits(n)
         plan, matrices, _ = self.plan_for(circuit)
-        saved_states = self._admit(plan)
-        backend = self._backend if n > 0 else NumpyBackend(self.precision)
-        try:
-            refs = backend.upload(matrices)
-            outcome = execute(plan, refs, backend, shots, self._rng, saved_states)
-        except JobError:
-            raise
-        except MemoryError as exc:  # NumPy, and CuPy's OutOfMemoryError
-            raise JobError(
-                ErrorCode.QUOTA_EXCEEDED, f"out of memory while simulating {n} qubits: {exc}"
-            ) from exc
-        except Exception as exc:  # cuStateVec/CUDA errors surface as library exceptions
-            if getattr(backend, "is_out_of_memory", lambda e: False)(exc):
-                raise JobError(
-                    ErrorCode.QUOTA_EXCEEDED, f"device out of memory for {n} qubits: {exc}"
-                ) from exc
-            raise JobError(
-                ErrorCode.JOB_FAILED, f"simulation failed: {type(exc).__name__}: {exc}"
-            ) from exc
+        backend = self._backend_for(n)
+        with self._device_errors(backend, plan.footprint(shots)):
+            refs, spare = self._admit_and_upload(backend, plan, matrices, shots)
+            saved = self._saved_states(plan, backend, spare)
+            outcome = execute(plan, refs, backend, shots, self._rng, saved)
         counts, memory = to_counts(plan, outcome, self._rng, experiment.memory)
         self.stats["experiments"] += 1
         self.stats["branches"] += outcome.branches

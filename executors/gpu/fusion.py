@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from executors.gpu.lowering import Gate
-from executors.gpu.reference import apply_dense, apply_diagonal
+from executors.gpu.numpy_backend import apply_dense, apply_diagonal
 
 
 @dataclass(frozen=True, slots=True)

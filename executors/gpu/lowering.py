@@ -273,6 +273,17 @@ def _param_key(params: Sequence[Any], name: str) -> tuple[Any, ...] | None:
     return tuple(out)
 
 
+@dataclass(frozen=True, slots=True)
+class _Site:
+    """Where an instruction sits: its circuit, and its qubits/clbits in the top circuit."""
+
+    circ: QuantumCircuit
+    qubits: list[int]
+    clbits: list[int]
+    cmap: Sequence[int]
+    depth: int
+
+
 class _Lowerer:
     def __init__(self, top: QuantumCircuit, cache: MatrixCache) -> None:
         self.top = top
@@ -310,64 +321,90 @@ class _Lowerer:
         depth: int,
         out: list[Op],
     ) -> None:
-        name = op.name
-        if name in _IGNORED:
+        """Lower one instruction into `out`: ignored ones, a legacy condition, the named
+        non-gate instructions, control flow, and everything else as a gate."""
+        if op.name in _IGNORED:
             return
         legacy = getattr(op, "condition", None)
         if legacy is not None and not isinstance(op, (IfElseOp, WhileLoopOp)):
-            # Qiskit < 2.0 `c_if`: the same as an if_test around the bare instruction.
-            body: list[Op] = []
-            bare = op.to_mutable()
-            bare.condition = None
-            self.instruction(circ, bare, qubits, clbits, cmap, depth, body)
-            out.append(IfElse(self.condition(circ, cmap, legacy), body, []))
+            self.legacy_condition(circ, op, legacy, qubits, clbits, cmap, depth, out)
             return
-        if name == "measure":
-            out.extend(Measure(q, c) for q, c in zip(qubits, clbits, strict=True))
-            return
-        if name == "reset":
-            out.extend(Reset(q) for q in qubits)
-            return
-        if isinstance(op, IfElseOp):
-            true_body, false_body = op.blocks[0], op.blocks[1] if len(op.blocks) > 1 else None
-            cond = self.condition(circ, cmap, op.condition)
-            true_ops = self.body(circ, true_body, qubits, clbits, depth)
-            false_ops = self.body(circ, false_body, qubits, clbits, depth) if false_body else []
-            out.append(IfElse(cond, true_ops, false_ops))
-            return
-        if isinstance(op, WhileLoopOp):
-            cond = self.condition(circ, cmap, op.condition)
-            out.append(WhileLoop(cond, self.body(circ, op.blocks[0], qubits, clbits, depth)))
-            return
-        if isinstance(op, ForLoopOp):
-            indexset, loop_param, body_circ = op.params
-            for value in indexset:
-                bound = (
-                    body_circ.assign_parameters({loop_param: value}, inplace=False)
-                    if loop_param is not None and loop_param in body_circ.parameters
-                    else body_circ
-                )
-                out.extend(self.body(circ, bound, qubits, clbits, depth))
-            return
-        if isinstance(op, SwitchCaseOp):
-            target = self.classical_value(circ, cmap, op.target)
-            cases: list[tuple[frozenset[int] | None, list[Op]]] = []
-            for values, case_body in op.cases_specifier():
-                ops = self.body(circ, case_body, qubits, clbits, depth)
-                if any(v is CASE_DEFAULT for v in values):
-                    cases.append((None, ops))
-                else:
-                    cases.append((frozenset(int(v) for v in values), ops))
-            out.append(Switch(target, cases))
-            return
-        if name in ("break_loop", "continue_loop"):
-            raise _invalid(f"{name} is not supported by the gpu executor")
-        if name == "box":
-            out.extend(self.body(circ, op.blocks[0], qubits, clbits, depth))
+        at = _Site(circ, qubits, clbits, cmap, depth)
+        handler = _BY_NAME.get(op.name)
+        if handler is not None and (handler[0] is None or isinstance(op, handler[0])):
+            handler[1](self, at, op, out)
             return
         if clbits and op.definition is None:
-            raise _invalid(f"instruction {name!r} writes classical bits and cannot be simulated")
+            raise _invalid(f"instruction {op.name!r} writes classical bits and cannot be simulated")
         self.gate(op, qubits, clbits, depth, out)
+
+    def legacy_condition(
+        self,
+        circ: QuantumCircuit,
+        op: Instruction,
+        legacy: Any,
+        qubits: list[int],
+        clbits: list[int],
+        cmap: Sequence[int],
+        depth: int,
+        out: list[Op],
+    ) -> None:
+        # Qiskit < 2.0 `c_if`: the same as an if_test around the bare instruction.
+        body: list[Op] = []
+        bare = op.to_mutable()
+        bare.condition = None
+        self.instruction(circ, bare, qubits, clbits, cmap, depth, body)
+        out.append(IfElse(self.condition(circ, cmap, legacy), body, []))
+
+    # --- non-gate instructions, one small step each (dispatched through _BY_NAME) -----
+
+    def measure(self, at: _Site, op: Instruction, out: list[Op]) -> None:
+        out.extend(Measure(q, c) for q, c in zip(at.qubits, at.clbits, strict=True))
+
+    def reset(self, at: _Site, op: Instruction, out: list[Op]) -> None:
+        out.extend(Reset(q) for q in at.qubits)
+
+    def if_else(self, at: _Site, op: Instruction, out: list[Op]) -> None:
+        true_body = op.blocks[0]
+        false_body = op.blocks[1] if len(op.blocks) > 1 else None
+        cond = self.condition(at.circ, at.cmap, op.condition)
+        true_ops = self.body(at.circ, true_body, at.qubits, at.clbits, at.depth)
+        false_ops = (
+            self.body(at.circ, false_body, at.qubits, at.clbits, at.depth) if false_body else []
+        )
+        out.append(IfElse(cond, true_ops, false_ops))
+
+    def while_loop(self, at: _Site, op: Instruction, out: list[Op]) -> None:
+        cond = self.condition(at.circ, at.cmap, op.condition)
+        body = self.body(at.circ, op.blocks[0], at.qubits, at.clbits, at.depth)
+        out.append(WhileLoop(cond, body))
+
+    def for_loop(self, at: _Site, op: Instruction, out: list[Op]) -> None:
+        indexset, loop_param, body_circ = op.params
+        for value in indexset:
+            bound = (
+                body_circ.assign_parameters({loop_param: value}, inplace=False)
+                if loop_param is not None and loop_param in body_circ.parameters
+                else body_circ
+            )
+            out.extend(self.body(at.circ, bound, at.qubits, at.clbits, at.depth))
+
+    def switch(self, at: _Site, op: Instruction, out: list[Op]) -> None:
+        target = self.classical_value(at.circ, at.cmap, op.target)
+        cases: list[tuple[frozenset[int] | None, list[Op]]] = []
+        for values, case_body in op.cases_specifier():
+            ops = self.body(at.circ, case_body, at.qubits, at.clbits, at.depth)
+            if any(v is CASE_DEFAULT for v in values):
+                cases.append((None, ops))
+            else:
+                cases.append((frozenset(int(v) for v in values), ops))
+        out.append(Switch(target, cases))
+
+    def box(self, at: _Site, op: Instruction, out: list[Op]) -> None:
+        out.extend(self.body(at.circ, op.blocks[0], at.qubits, at.clbits, at.depth))
+
+    def loop_control(self, at: _Site, op: Instruction, out: list[Op]) -> None:
+        raise _invalid(f"{op.name} is not supported by the gpu executor")
 
     def body(
         self,
@@ -388,6 +425,8 @@ class _Lowerer:
         name = op.name
         params = _param_key(op.params, name)
         standard = type(op) in _STANDARD_TYPES and params is not None
+        if op.num_qubits == 0 and self.global_phase_gate(op):
+            return
         if isinstance(op, ControlledGate) and op.num_ctrl_qubits > 0:
             lowered = self.controlled(op, qubits, params if standard else None)
             if lowered is not None:
@@ -404,6 +443,16 @@ class _Lowerer:
         if definition is None:
             raise _invalid(f"instruction {name!r} has neither a matrix nor a definition")
         out.extend(self.block(definition, qubits, clbits, depth + 1))
+
+    def global_phase_gate(self, op: Instruction) -> bool:
+        """Fold a 0-qubit gate (GlobalPhaseGate, a 1x1 unitary) into the program's global
+        phase: nothing reaches a backend with zero targets. False when it has no matrix."""
+        try:
+            value = complex(np.asarray(op.to_matrix(), dtype=np.complex128).reshape(-1)[0])
+        except Exception:  # no matrix: the caller decomposes the definition
+            return False
+        self.phase += math.atan2(value.imag, value.real)
+        return True
 
     def matrix(
         self, op: Instruction, key: Hashable | None, diagonal_by_type: bool | None
@@ -459,6 +508,8 @@ class _Lowerer:
                 matrix = np.ascontiguousarray(np.diagonal(raw)) if diagonal else raw
         except Exception:  # no usable matrix: the caller decomposes the definition
             return None
+        if not targets:
+            return _phase_on_controls(op.name, matrix, controls, ctrl_values, key)
         return Gate(op.name, targets, matrix, diagonal, controls, ctrl_values, key=key)
 
     # --- classical --------------------------------------------------------------------
@@ -488,16 +539,20 @@ class _Lowerer:
             return Condition(ClassicalValue(node=self.expr(circ, cmap, cond)))
         raise _invalid(f"unsupported condition {cond!r}")
 
+    def var(
+        self, circ: QuantumCircuit, cmap: Sequence[int], node: expr.Var, width: int
+    ) -> ExprNode:
+        var = node.var
+        if isinstance(var, Clbit):
+            return ("bits", (self.clbit_index(circ, cmap, var),), width)
+        if isinstance(var, ClassicalRegister):
+            return ("bits", tuple(self.clbit_index(circ, cmap, b) for b in var), width)
+        raise _invalid(f"classical variable {node.name!r} is not supported")
+
     def expr(self, circ: QuantumCircuit, cmap: Sequence[int], node: expr.Expr) -> ExprNode:
         width = _width(node.type)
         if isinstance(node, expr.Var):
-            var = node.var
-            if isinstance(var, Clbit):
-                return ("bits", (self.clbit_index(circ, cmap, var),), width)
-            if isinstance(var, ClassicalRegister):
-                bits = tuple(self.clbit_index(circ, cmap, b) for b in var)
-                return ("bits", bits, width)
-            raise _invalid(f"classical variable {node.name!r} is not supported")
+            return self.var(circ, cmap, node, width)
         if isinstance(node, expr.Value):
             return ("value", int(node.value), width)
         if isinstance(node, expr.Cast):
@@ -515,6 +570,21 @@ class _Lowerer:
         if isinstance(node, expr.Index):
             return ("index", self.expr(circ, cmap, node.target), self.expr(circ, cmap, node.index))
         raise _invalid(f"classical expression {type(node).__name__} is not supported")
+
+
+_Handler = Callable[[_Lowerer, _Site, Instruction, list[Op]], None]
+# Non-gate instructions by name, with the type the instruction must have (None: any).
+_BY_NAME: dict[str, tuple[type | None, _Handler]] = {
+    "measure": (None, _Lowerer.measure),
+    "reset": (None, _Lowerer.reset),
+    "if_else": (IfElseOp, _Lowerer.if_else),
+    "while_loop": (WhileLoopOp, _Lowerer.while_loop),
+    "for_loop": (ForLoopOp, _Lowerer.for_loop),
+    "switch_case": (SwitchCaseOp, _Lowerer.switch),
+    "box": (None, _Lowerer.box),
+    "break_loop": (None, _Lowerer.loop_control),
+    "continue_loop": (None, _Lowerer.loop_control),
+}
 
 
 def _diagonal_by_type(name: str, params: tuple[Any, ...] | None) -> bool | None:
@@ -580,6 +650,23 @@ def _evaluate(node: ExprNode, creg: int) -> int:
     if kind == "index":
         return (_evaluate(node[1], creg) >> _evaluate(node[2], creg)) & 1
     raise ValueError(f"unknown expression node {kind!r}")
+
+
+def _phase_on_controls(
+    name: str,
+    matrix: Matrix,
+    controls: tuple[int, ...],
+    ctrl_values: tuple[int, ...],
+    key: Hashable | None,
+) -> Gate:
+    """A controlled 0-qubit gate (a controlled global phase) is a diagonal on its
+    controls: the phase where they hold their control values, 1 elsewhere."""
+    value = complex(np.asarray(matrix).reshape(-1)[0])
+    diagonal = np.ones(1 << len(controls), dtype=np.complex128)
+    diagonal[sum(v << j for j, v in enumerate(ctrl_values))] = value
+    diagonal.setflags(write=False)
+    phase_key = ("phase-on-controls", key) if key is not None else None
+    return Gate(name, controls, diagonal, True, key=phase_key)
 
 
 def _controlled_block(full: Matrix, n_ctrl: int, ctrl_state: int) -> Matrix:

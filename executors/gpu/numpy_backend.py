@@ -1,14 +1,17 @@
-"""NumPy state-vector kernels and the CPU reference backend: the same small interface as
-the cuStateVec backend, so lowering, fusion and measurement are tested without a GPU."""
+"""NumPy state-vector kernels and the NumPy backend: the same interface as the cuStateVec
+backend (`backend.Backend`), so lowering, fusion and measurement run and are tested on
+the CPU."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from executors.gpu.backend import Footprint
 
 # The state is kept as a tensor of shape (2,)*n (C order), so qubit q lives on axis
 # n-1-q; kernels also accept trailing batch axes (fusion multiplies matrices this way).
@@ -123,7 +126,7 @@ def available_host_memory() -> int:
 
 
 class NumpyBackend:
-    """CPU state-vector backend; see the module docstring."""
+    """CPU state-vector backend; implements `backend.Backend`."""
 
     name = "numpy"
     # tensordot allocates a result the size of the state, so a gate needs ~3 states.
@@ -138,7 +141,7 @@ class NumpyBackend:
     # --- lifetime -----------------------------------------------------------------
 
     def device_name(self) -> str:
-        return "cpu (numpy reference)"
+        return "cpu (numpy)"
 
     def memory(self) -> tuple[int, int]:
         """(free, total) bytes this backend can use."""
@@ -151,8 +154,22 @@ class NumpyBackend:
     def state_bytes(self, num_qubits: int) -> int:
         return (1 << num_qubits) * self.dtype.itemsize
 
-    def required_bytes(self, num_qubits: int, max_targets: int) -> int:
-        return self.state_bytes(num_qubits) * (1 + self.TEMPORARY_STATES)
+    def required_bytes(
+        self, footprint: Footprint, refs: Sequence[Any] | None = None
+    ) -> Mapping[str, int]:
+        state = self.state_bytes(footprint.num_qubits)
+        return {
+            "state": state,
+            "temporaries": state * self.TEMPORARY_STATES,
+            "matrices": footprint.matrix_elements * self.dtype.itemsize,
+        }
+
+    def statevector_host_bytes(self, num_qubits: int) -> int:
+        # The state is already on the host; only a single-precision one is widened.
+        return 0 if self.dtype == np.complex128 else (1 << num_qubits) * 16
+
+    def out_of_memory(self, exc: BaseException) -> bool:
+        return isinstance(exc, MemoryError)
 
     def session(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from executors.gpu.backend import Backend, Footprint, Pass
 from executors.gpu.fusion import Block, FusedMatrices, plan_fusion
 from executors.gpu.lowering import (
     Condition,
@@ -28,29 +29,6 @@ from executors.gpu.lowering import (
 MAX_MARGINAL_QUBITS = 20
 # A while loop that runs this often in one branch is taken to be non-terminating.
 MAX_LOOP_ITERATIONS = 100_000
-
-
-class Backend(Protocol):
-    """What the runner needs from a state-vector backend (NumPy or cuStateVec)."""
-
-    num_qubits: int
-
-    def reset_state(self, num_qubits: int) -> None: ...
-    def upload(self, matrices: Sequence[np.ndarray]) -> list[Any]: ...
-    def apply_matrix(
-        self, ref: Any, targets: Sequence[int], controls: Sequence[int], ctrl_values: Sequence[int]
-    ) -> None: ...
-    def apply_diagonal(
-        self, ref: Any, targets: Sequence[int], controls: Sequence[int], ctrl_values: Sequence[int]
-    ) -> None: ...
-    def qubit_probabilities(self, qubit: int) -> tuple[float, float]: ...
-    def collapse(self, qubit: int, outcome: int, probability: float) -> None: ...
-    def reset(self, qubit: int, outcome: int, probability: float) -> None: ...
-    def probabilities(self, qubits: Sequence[int]) -> np.ndarray: ...
-    def sample(self, qubits: Sequence[int], shots: int, rng: np.random.Generator) -> np.ndarray: ...
-    def save(self) -> Any: ...
-    def restore(self, saved: Any) -> None: ...
-    def release(self, saved: Any) -> None: ...
 
 
 # --- straight-line code -------------------------------------------------------------
@@ -120,6 +98,22 @@ class Plan:
     @property
     def fused_products_computed(self) -> int:
         return self._fused.computed
+
+    @property
+    def sampled_qubits(self) -> tuple[int, ...]:
+        return tuple(sorted({q for q, _ in self.terminal}))
+
+    def footprint(self, shots: int) -> Footprint:
+        """What running this plan for `shots` shots allocates, for admission."""
+        shapes: dict[tuple[tuple[int, ...], int, bool], int] = {}
+        elements = 0
+        for index, block in enumerate(self.blocks):
+            width = 1 << len(block.targets)
+            elements += width if block.diagonal else width * width
+            shapes.setdefault((block.targets, len(block.controls), block.diagonal), index)
+        passes = tuple(Pass(t, c, d, index) for (t, c, d), index in shapes.items())
+        sampler = len(self.sampled_qubits) > MAX_MARGINAL_QUBITS
+        return Footprint(self.num_qubits, passes, elements, shots if sampler else 0)
 
     def bind(self, gates: Sequence[Gate]) -> list[np.ndarray]:
         if len(gates) != self.num_gates:
@@ -322,86 +316,141 @@ def execute(
     waiting its turn keeps a saved copy of the state while `max_saved_states` allows,
     otherwise it is replayed from the start with its recorded outcomes forced.
     """
-    sampled = tuple(sorted({q for q, _ in plan.terminal}))
-    outcome = Outcome([], sampled)
-    code = plan.code
-    first_event = next((i for i, ins in enumerate(code) if not isinstance(ins, Apply)), len(code))
+    return _Trajectories(plan, refs, backend, rng, max_saved_states).run(shots)
 
-    backend.reset_state(plan.num_qubits)
-    _apply_range(plan, refs, backend, 0, first_event)
-    root_saved: Any = None
-    budget = max_saved_states
-    if first_event < len(code) and budget > 0:
-        root_saved = backend.save()
-        budget -= 1
 
-    stack: list[_Pending] = [_Pending(first_event, 0, shots, (), (), None)]
-    fresh = True
-    while stack:
-        item = stack.pop()
-        if fresh:
+@dataclass(slots=True)
+class _Branch:
+    """The branch being followed: where it is, its classical bits and shot count, the
+    outcomes it has seen (`path`) and those it must reproduce when replayed (`forced`)."""
+
+    pc: int
+    creg: int
+    shots: int
+    path: list[int]
+    forced: tuple[int, ...]
+    event: int = 0  # index into `forced`
+    loops: int = 0
+
+
+class _Trajectories:
+    """One execution of a plan: the common prefix, then each branch in turn."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        refs: Sequence[Any],
+        backend: Backend,
+        rng: np.random.Generator,
+        max_saved_states: int,
+    ) -> None:
+        self.plan, self.refs, self.backend, self.rng = plan, refs, backend, rng
+        self.code = plan.code
+        self.budget = max_saved_states
+        self.root_saved: Any = None
+        self.first_event = next(
+            (i for i, ins in enumerate(self.code) if not isinstance(ins, Apply)), len(self.code)
+        )
+        self.outcome = Outcome([], plan.sampled_qubits)
+
+    def run(self, shots: int) -> Outcome:
+        self._prefix()
+        if self.first_event < len(self.code) and self.budget > 0:
+            self.root_saved = self.backend.save()
+            self.budget -= 1
+        stack = [_Pending(self.first_event, 0, shots, (), (), None)]
+        fresh = True
+        while stack:
+            item = stack.pop()
+            if not fresh:
+                self._resume(item)
             fresh = False
-        elif item.saved is not None:
-            backend.restore(item.saved)
-            backend.release(item.saved)
-            budget += 1
+            branch = self._follow(item, stack)
+            leaf = _sample_leaf(
+                self.backend, self.outcome.sampled_qubits, branch.shots, self.rng, branch.creg
+            )
+            self.outcome.leaves.append(leaf)
+        if self.root_saved is not None:
+            self.backend.release(self.root_saved)
+        return self.outcome
+
+    def _prefix(self) -> None:
+        # Everything before the first measurement, reset or jump is shared by all shots.
+        self.backend.reset_state(self.plan.num_qubits)
+        _apply_range(self.plan, self.refs, self.backend, 0, self.first_event)
+
+    def _resume(self, item: _Pending) -> None:
+        if item.saved is not None:
+            self.backend.restore(item.saved)
+            self.backend.release(item.saved)
+            self.budget += 1
+            return
+        self.outcome.replays += 1
+        if self.root_saved is not None:
+            self.backend.restore(self.root_saved)
         else:
-            outcome.replays += 1
-            if root_saved is not None:
-                backend.restore(root_saved)
-            else:
-                backend.reset_state(plan.num_qubits)
-                _apply_range(plan, refs, backend, 0, first_event)
-        pc, creg, n, path, forced = item.pc, item.creg, item.shots, list(item.path), item.forced
-        event = 0  # index into `forced`
-        loops = 0
-        while pc < len(code):
-            ins = code[pc]
+            self._prefix()
+
+    def _follow(self, item: _Pending, stack: list[_Pending]) -> _Branch:
+        branch = _Branch(item.pc, item.creg, item.shots, list(item.path), item.forced)
+        code = self.code
+        while branch.pc < len(code):
+            ins = code[branch.pc]
             if isinstance(ins, Apply):
-                _apply(plan, refs, backend, ins.block)
-                pc += 1
+                _apply(self.plan, self.refs, self.backend, ins.block)
+                branch.pc += 1
             elif isinstance(ins, (MeasureI, ResetI)):
-                p0, p1 = backend.qubit_probabilities(ins.qubit)
-                total = p0 + p1
-                if event < len(forced):
-                    bit = forced[event]
-                    event += 1
-                else:
-                    p_one = min(max(p1 / total, 0.0), 1.0) if total > 0 else 0.0
-                    ones = int(rng.binomial(n, p_one))
-                    if 0 < ones < n:
-                        # Both outcomes occur: this branch follows |1>, |0> waits.
-                        outcome.branches += 1
-                        if budget > 0:
-                            budget -= 1
-                            saved = backend.save()
-                            waiting = _Pending(pc, creg, n - ones, tuple(path), (0,), saved)
-                        else:
-                            forced_path = (*path, 0)
-                            waiting = _Pending(first_event, 0, n - ones, (), forced_path, None)
-                        stack.append(waiting)
-                        n = ones
-                    bit = 1 if ones else 0
-                path.append(bit)
-                prob = (p1 if bit else p0) / total if total > 0 else 1.0
-                if isinstance(ins, MeasureI):
-                    backend.collapse(ins.qubit, bit, max(prob, 1e-300))
-                    creg = (creg & ~(1 << ins.clbit)) | (bit << ins.clbit)
-                else:
-                    backend.reset(ins.qubit, bit, max(prob, 1e-300))
-                pc += 1
+                self._event(branch, ins, stack)
             elif isinstance(ins, JumpUnless):
-                pc = pc + 1 if ins.condition.holds(creg) else ins.target
+                branch.pc = branch.pc + 1 if ins.condition.holds(branch.creg) else ins.target
             else:
-                if ins.target <= pc:
-                    loops += 1
-                    if loops > MAX_LOOP_ITERATIONS:
-                        raise RuntimeError("a while loop exceeded the iteration limit")
-                pc = ins.target
-        outcome.leaves.append(_sample_leaf(backend, sampled, n, rng, creg))
-    if root_saved is not None:
-        backend.release(root_saved)
-    return outcome
+                self._jump(branch, ins)
+        return branch
+
+    def _jump(self, branch: _Branch, ins: Jump) -> None:
+        if ins.target <= branch.pc:
+            branch.loops += 1
+            if branch.loops > MAX_LOOP_ITERATIONS:
+                raise RuntimeError("a while loop exceeded the iteration limit")
+        branch.pc = ins.target
+
+    def _event(self, branch: _Branch, ins: MeasureI | ResetI, stack: list[_Pending]) -> None:
+        """A measurement or reset: draw its outcome (splitting the shots when both occur),
+        then collapse the state onto it."""
+        p0, p1 = self.backend.qubit_probabilities(ins.qubit)
+        total = p0 + p1
+        bit = self._outcome_of(branch, p1, total, stack)
+        branch.path.append(bit)
+        prob = max((p1 if bit else p0) / total if total > 0 else 1.0, 1e-300)
+        if isinstance(ins, MeasureI):
+            self.backend.collapse(ins.qubit, bit, prob)
+            branch.creg = (branch.creg & ~(1 << ins.clbit)) | (bit << ins.clbit)
+        else:
+            self.backend.reset(ins.qubit, bit, prob)
+        branch.pc += 1
+
+    def _outcome_of(self, branch: _Branch, p1: float, total: float, stack: list[_Pending]) -> int:
+        if branch.event < len(branch.forced):
+            bit = branch.forced[branch.event]
+            branch.event += 1
+            return bit
+        p_one = min(max(p1 / total, 0.0), 1.0) if total > 0 else 0.0
+        ones = int(self.rng.binomial(branch.shots, p_one))
+        if 0 < ones < branch.shots:
+            # Both outcomes occur: this branch follows |1>, |0> waits.
+            self._defer_zero(branch, branch.shots - ones, stack)
+            branch.shots = ones
+        return 1 if ones else 0
+
+    def _defer_zero(self, branch: _Branch, shots: int, stack: list[_Pending]) -> None:
+        self.outcome.branches += 1
+        if self.budget > 0:
+            self.budget -= 1
+            saved = self.backend.save()
+            stack.append(_Pending(branch.pc, branch.creg, shots, tuple(branch.path), (0,), saved))
+        else:
+            forced = (*branch.path, 0)
+            stack.append(_Pending(self.first_event, 0, shots, (), forced, None))
 
 
 def _apply(plan: Plan, refs: Sequence[Any], backend: Backend, index: int) -> None:
@@ -506,7 +555,6 @@ def _cregs(
 __all__ = [
     "MAX_MARGINAL_QUBITS",
     "Apply",
-    "Backend",
     "Jump",
     "JumpUnless",
     "Leaf",
