@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.traffic import SHOTS, Shape, shapes
+from bench.traffic import SHOTS, Shape, pick
 from driver import __version__
 from driver.jobs import Limits, prepare, read_spec, result_map
 from driver.wire import Envelope, EventType, WireFormat, decode, encode
@@ -112,16 +112,12 @@ def report(profiles: Sequence[Profile], jobs: int, shots: int, fmt: WireFormat) 
 
 
 def main(args: argparse.Namespace) -> None:
-    every = shapes(args.shots, args.sweep_rows)
-    keys = [k.strip() for k in args.cases.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in every]
-    if unknown:
-        raise SystemExit(f"unknown case(s) {unknown}; choose from {', '.join(every)}")
     executor = AerExecutor()
     caps = executor.capabilities()
     limits = Limits(max_qubits=caps.max_qubits, max_shots=caps.max_shots, max_circuits=1000)
     seeds = itertools.count(1)  # every job its own text: the parse cache never hits
-    profiles = [Profile(every[k]) for k in keys]
+    chosen = pick(args.cases, args.shots, args.sweep_rows)
+    profiles = [Profile(shape) for shape in chosen.values()]
     # Built before any clock: the client's qasm3.dumps is not the daemon's time.
     payloads = {p.shape.name: p.shape.jobs(seeds, args.jobs + args.warm) for p in profiles}
     ids = itertools.count(1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -32,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.traffic import SHOTS, Shape, shapes, texts
+from bench.traffic import SHOTS, Shape, pick, texts
 from driver.orchestrator import LocalOrchestrator
 from driver.wire import Envelope, EventType
 from tests.conftest import Daemon, daemon_env, start_daemon
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Jobs per case per round when --jobs is not given: enough to keep 16 in flight for a
 # few seconds at the goal rate, without making a round of random-20 take minutes.
-DEFAULT_JOBS = {"QFT-12": 300, "random-20": 48, "Bell": 600, "sweep": 60}
+DEFAULT_JOBS = {"QFT-12": 300, "random-20": 48, "Bell": 600, "sweep": 40}
 GOALS = {"QFT-12": 0.8, "random-20": 0.9, "Bell": 0.5}  # driver jobs/s over the ceiling's
 HEARTBEAT_TOLERANCE = 0.3
 
@@ -277,59 +278,73 @@ async def wait_online(orch: LocalOrchestrator, d: Daemon) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    every = shapes(args.shots, args.sweep_rows)
-    keys = [k.strip() for k in args.cases.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in every]
-    if unknown:
-        raise SystemExit(f"unknown case(s) {unknown}; choose from {', '.join(every)}")
-    primary = [Case(k, every[k], True, args.jobs or DEFAULT_JOBS[k]) for k in keys]
+    chosen = pick(args.cases, args.shots, args.sweep_rows)
+    primary = [Case(k, shape, True, args.jobs or DEFAULT_JOBS[k]) for k, shape in chosen.items()]
     secondary = ([] if args.no_identical else
-                 [Case(k, every[k], False, args.jobs or DEFAULT_JOBS[k]) for k in keys])
+                 [Case(k, shape, False, args.jobs or DEFAULT_JOBS[k])
+                  for k, shape in chosen.items()])
     seeds = itertools.count(1)  # one stream for the whole run: no text is ever sent twice
 
-    orch = TimedOrchestrator(port=0, driver_name="bench", wire_format=args.wire_format)
-    await orch.start()
     tmp = Path(tempfile.mkdtemp(prefix="qpi-bench-"))
-    d = start_daemon(tmp, daemon_env(tmp, orch, QPI_DRIVER_NAME="bench",
-                                     QPI_LOG_LEVEL=args.log_level,
-                                     QPI_WIRE_FORMAT=args.wire_format,
-                                     QPI_HEARTBEAT_INTERVAL=str(args.heartbeat)))
-    ceiling = Ceiling()
-    try:
+    async with contextlib.AsyncExitStack() as stack:  # unwinds in reverse, on any exit
+        stack.callback(remove, tmp, args.keep)
+        orch = TimedOrchestrator(port=0, driver_name="bench", wire_format=args.wire_format)
+        await orch.start()
+        stack.push_async_callback(orch.stop)
+        d = start_daemon(tmp, daemon_env(tmp, orch, QPI_DRIVER_NAME="bench",
+                                         QPI_LOG_LEVEL=args.log_level,
+                                         QPI_WIRE_FORMAT=args.wire_format,
+                                         QPI_HEARTBEAT_INTERVAL=str(args.heartbeat)))
+        stack.callback(stop_daemon, d)
+        ceiling = Ceiling()
+        stack.callback(ceiling.close)
         await wait_online(orch, d)
-        for case in primary:  # warm both sides: executor, codecs, store, Aer
-            warm = case.shape.jobs(seeds, 2 if case.key == "random-20" else 8)
-            await drive(orch, warm, min(len(warm), args.in_flight))
-            await asyncio.to_thread(ceiling.run, warm[:2])
-        print(f"# {os.cpu_count()} cores, {args.in_flight} jobs in flight, {args.shots} shots, "
-              f"wire format {args.wire_format}, daemon log level {args.log_level}, "
-              f"{args.rounds} round(s); figures are medians over rounds", flush=True)
-        for r in range(args.rounds):
-            took = 0.0
-            for case in primary + secondary:
-                took += await measure(case, orch, ceiling, seeds, args.in_flight,
-                                      ceiling_first=r % 2 == 1)
-            print(f"# round {r + 1} done in {took:.1f} s", flush=True)
-        print("\njobs/s: through the daemon, first submit to last result; p50/p99: one job, "
-              "submit to result\nAer jobs/s, Aer ms: the ceiling, Aer's run alone on the same "
-              "circuits (no parsing, no transport); ratio: jobs/s over Aer jobs/s")
-        table("distinct OpenQASM 3 texts, as qpi-client sends them", primary, goals=True)
-        if secondary:
-            table("secondary: one identical text per case (the parse cache hits; not what "
-                  "clients send)", secondary, goals=False)
-        qft = next((c for c in primary if c.key == "QFT-12"), None)
-        if qft is not None and args.heartbeat_load > 0:
-            await heartbeat_phase(orch, qft.shape, seeds, args.in_flight, qft.median("rate"),
-                                  args.heartbeat_load, args.heartbeat)
-    finally:
-        ceiling.close()
-        code = d.stop(timeout=60)
-        await orch.stop()
-        print(f"\n# daemon exit status {code}" + (f"; kept {tmp}" if args.keep else ""))
-        if code != 0:
-            print(d.output()[-3000:], file=sys.stderr)
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+        await rounds_and_report(args, orch, ceiling, primary, secondary, seeds)
+
+
+async def rounds_and_report(args: argparse.Namespace, orch: TimedOrchestrator,
+                            ceiling: Ceiling, primary: list[Case], secondary: list[Case],
+                            seeds: Iterator[int]) -> None:
+    """Warm up, run every case in every round, print the tables and the heartbeats."""
+    for case in primary:  # warm both sides: executor, codecs, store, Aer
+        warm = case.shape.jobs(seeds, 2 if case.key == "random-20" else 8)
+        await drive(orch, warm, min(len(warm), args.in_flight))
+        await asyncio.to_thread(ceiling.run, warm[:2])
+    print(f"# {os.cpu_count()} cores, {args.in_flight} jobs in flight, {args.shots} shots, "
+          f"wire format {args.wire_format}, daemon log level {args.log_level}, "
+          f"{args.rounds} round(s); figures are medians over rounds", flush=True)
+    for r in range(args.rounds):
+        took = 0.0
+        for case in primary + secondary:
+            took += await measure(case, orch, ceiling, seeds, args.in_flight,
+                                  ceiling_first=r % 2 == 1)
+        print(f"# round {r + 1} done in {took:.1f} s", flush=True)
+    print("\njobs/s: through the daemon, first submit to last result; p50/p99: one job, "
+          "submit to result\nAer jobs/s, Aer ms: the ceiling, Aer's run alone on the same "
+          "circuits, one job at a time (no parsing, no transport); ratio: jobs/s over Aer "
+          "jobs/s\n(the daemon runs queued jobs together in one Aer call, so it can pass 1x)")
+    table("distinct OpenQASM 3 texts, as qpi-client sends them", primary, goals=True)
+    if secondary:
+        table("secondary: one identical text per case (the parse cache hits; not what "
+              "clients send)", secondary, goals=False)
+    qft = next((c for c in primary if c.key == "QFT-12"), None)
+    if qft is not None and args.heartbeat_load > 0:
+        await heartbeat_phase(orch, qft.shape, seeds, args.in_flight, qft.median("rate"),
+                              args.heartbeat_load, args.heartbeat)
+
+
+def stop_daemon(d: Daemon) -> None:
+    code = d.stop(timeout=60)
+    print(f"\n# daemon exit status {code}")
+    if code != 0:
+        print(d.output()[-3000:], file=sys.stderr)
+
+
+def remove(tmp: Path, keep: bool) -> None:
+    if keep:
+        print(f"# kept the data dir and daemon log in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -155,6 +155,16 @@ def shapes(shots: int = SHOTS, sweep_rows: int = 16) -> dict[str, Shape]:
     }
 
 
+def pick(names: str, shots: int = SHOTS, sweep_rows: int = 16) -> dict[str, Shape]:
+    """The shapes named in a comma-separated list (a bench's --cases), by name."""
+    every = shapes(shots, sweep_rows)
+    keys = [k.strip() for k in names.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in every]
+    if unknown or not keys:
+        raise SystemExit(f"unknown or no case(s) in {names!r}; choose from {', '.join(every)}")
+    return {k: every[k] for k in keys}
+
+
 def texts(payload: Mapping[str, Any]) -> list[str]:
     """The OpenQASM texts of one payload, in order."""
     return [entry["circuit"] for entry in payload["circuits"]]
