@@ -1,9 +1,13 @@
-"""Fixtures that run the real daemon as a subprocess against the embedded
-orchestrator, over real TLS NNG sockets on loopback."""
+"""Fixtures and helpers that run the real daemon as a subprocess against the embedded
+orchestrator, over real TLS NNG sockets on loopback, and read what it did from the
+outside: results and heartbeats the orchestrator heard, the daemon's log, the
+execution log of the counting executor."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import os
 import signal
 import subprocess
@@ -17,8 +21,12 @@ from typing import Any
 import pytest
 
 from driver.orchestrator import LocalOrchestrator
+from driver.wire import EventType
 
 ROOT = Path(__file__).resolve().parent.parent
+# Aer that logs every job it starts and misbehaves on markers (tests/executors_for_tests.py).
+COUNTING = "tests.executors_for_tests:CountingExecutor"
+EXECUTIONS_LOG = "executions.log"
 
 
 @dataclass
@@ -28,6 +36,21 @@ class Daemon:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def logged(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        """The daemon's JSON log records of `event` whose fields include `fields`."""
+        out = []
+        for line in self.output().splitlines():
+            if event not in line:  # most lines: skip them before parsing
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:  # a traceback or a partly written line
+                continue
+            if (isinstance(record, dict) and record.get("event") == event
+                    and all(record.get(k) == v for k, v in fields.items())):
+                out.append(record)
+        return out
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
@@ -81,6 +104,62 @@ async def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition
         await asyncio.sleep(0.02)
 
 
+async def start_connected(tmp_path: Path, orch: LocalOrchestrator, env: dict[str, str],
+                          *args: str, timeout: float = 90.0) -> Daemon:
+    """A daemon started and registered with `orch`; stopped again if it does not get there."""
+    d = start_daemon(tmp_path, env, *args)
+    try:
+        await wait_for(lambda: orch.online or d.proc.poll() is not None, timeout=timeout,
+                       what="the daemon to connect")
+        assert d.proc.poll() is None, d.output()
+    except BaseException:
+        d.stop()
+        raise
+    return d
+
+
+async def counting_daemon(tmp_path: Path, orch: LocalOrchestrator, **env: str) -> Daemon:
+    """A connected daemon on the counting executor, which appends every job it starts to
+    `tmp_path / EXECUTIONS_LOG` (read it with `executions`)."""
+    options = json.dumps({"count_file": str(tmp_path / EXECUTIONS_LOG)})
+    return await start_connected(tmp_path, orch, daemon_env(
+        tmp_path, orch, QPI_EXECUTOR=COUNTING, QPI_EXECUTOR_OPTIONS=options, **env))
+
+
+def executions(tmp_path: Path) -> list[str]:
+    """The job_ids the counting executor started, one entry per execution, in order."""
+    path = tmp_path / EXECUTIONS_LOG
+    return path.read_text().split() if path.exists() else []
+
+
+async def run_job(orch: LocalOrchestrator, job: dict[str, Any],
+                  timeout: float = 120.0) -> dict[str, Any]:
+    """Submit `job` and return the results map of its final answer."""
+    done = await orch.result(orch.submit(job).id, timeout=timeout)
+    assert done.results is not None
+    return done.results
+
+
+def heartbeats(orch: LocalOrchestrator) -> list[dict[str, Any]]:
+    """Every heartbeat payload the orchestrator has received, oldest first."""
+    return [e.payload for e in orch.events if e.type == EventType.HEARTBEAT]
+
+
+def answers(orch: LocalOrchestrator, job_id: str) -> list[dict[str, Any]]:
+    """Every results map the daemon sent for `job_id`, first answers and replays alike."""
+    return [e.payload["results"] for e in orch.events
+            if e.type == EventType.JOB_RESULT and e.payload.get("job_id") == job_id]
+
+
+@functools.cache
+def aer_max_qubits() -> int:
+    """The widest circuit Aer runs on this machine: it derives it from the memory, and
+    the aer executor reports it as its `max_qubits`."""
+    from qiskit_aer import AerSimulator
+
+    return int(AerSimulator().configuration().n_qubits)
+
+
 @pytest.fixture(params=["msgpack", "json"])
 def wire_format(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -98,11 +177,8 @@ async def orchestrator(wire_format: str) -> AsyncIterator[LocalOrchestrator]:
 
 @pytest.fixture
 async def daemon(orchestrator: LocalOrchestrator, tmp_path: Path) -> AsyncIterator[Daemon]:
-    d = start_daemon(tmp_path, daemon_env(tmp_path, orchestrator))
+    d = await start_connected(tmp_path, orchestrator, daemon_env(tmp_path, orchestrator))
     try:
-        await wait_for(lambda: orchestrator.online or d.proc.poll() is not None,
-                       what="the daemon to connect")
-        assert d.proc.poll() is None, d.output()
         yield d
     finally:
         code = d.stop()

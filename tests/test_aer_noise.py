@@ -1,24 +1,26 @@
-"""Aer as a digital twin: the `noise_calibration` option builds a noise model from a
-calibration file, and Bell counts get worse exactly where the figures do."""
+"""The aer executor's options, and Aer as a digital twin: the `noise_calibration` option
+builds a noise model from a calibration file, and Bell counts get worse exactly where the
+figures do."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from driver.orchestrator import LocalOrchestrator
-from driver.wire import EventType
 from executors.aer import AerExecutor
-from executors.base import Experiment, Job
+from executors.base import Experiment, Job, OptionError
+from executors.calibration import CalibrationFileError
 from executors.circuits import parse_qasm
-from executors.noise import CalibrationFileError
 from tests.circuits import BELL
-from tests.conftest import daemon_env, start_daemon, wait_for
+from tests.conftest import ROOT, daemon_env, heartbeats, run_job, start_connected, wait_for
 
 SHOTS = 20_000
 
@@ -50,6 +52,26 @@ def clearly_more(worse: float, better: float) -> bool:
     """`worse` exceeds `better` by more than 6 binomial standard deviations."""
     sd = math.sqrt((worse * (1 - worse) + better * (1 - better)) / SHOTS)
     return worse - better > 6 * sd
+
+
+def test_a_misspelt_option_is_refused_not_ignored() -> None:
+    with pytest.raises(OptionError, match=r"unknown option\(s\) 'seeed' for executor 'aer'; "
+                       r"it knows: .*\bseed\b"):
+        AerExecutor({"seeed": 1})
+    # Every option the executor documents is one it declares.
+    executor = AerExecutor({"method": "statevector", "seed": 1, "precision": "single",
+                            "max_qubits": 5, "max_shots": 10, "max_parallel_threads": 1})
+    assert executor.capabilities().max_qubits == 5
+    assert executor.capabilities().precision == "single"
+
+
+def test_the_calibration_format_needs_no_simulator() -> None:
+    """The snapshot format is contract: reading it loads no Qiskit, Aer or NumPy."""
+    probe = ("import sys, executors.calibration; print(sorted({m.split('.')[0] for m in "
+             "sys.modules} & {'qiskit', 'qiskit_aer', 'numpy', 'qibolab'}))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_noise_follows_the_calibration(tmp_path: Path) -> None:
@@ -157,18 +179,14 @@ async def test_twin_through_the_daemon(tmp_path: Path) -> None:
     await orch.start()
     env = daemon_env(tmp_path, orch, QPI_EXECUTOR="aer",
                      QPI_EXECUTOR_OPTIONS=json.dumps({"noise_calibration": str(cal), "seed": 6}))
-    d = start_daemon(tmp_path, env)
+    d = await start_connected(tmp_path, orch, env)
     try:
-        await wait_for(lambda: orch.online or d.proc.poll() is not None, what="connect")
-        assert d.proc.poll() is None, d.output()
-        res = (await orch.result(orch.submit({"circuits": [BELL], "shots": 4000}).id,
-                                 timeout=60)).results
-        assert res is not None and res["success"] is True, res
+        res = await run_job(orch, {"circuits": [BELL], "shots": 4000})
+        assert res["success"] is True, res
         wrong = res["counts"].get("01", 0) + res["counts"].get("10", 0)
         assert 0.2 * 4000 < wrong < 0.4 * 4000
-        await wait_for(lambda: any(e.type == EventType.HEARTBEAT for e in orch.events),
-                       what="a heartbeat")
-        beat = [e.payload for e in orch.events if e.type == EventType.HEARTBEAT][-1]
+        await wait_for(lambda: bool(heartbeats(orch)), what="a heartbeat")
+        beat = heartbeats(orch)[-1]
         assert beat["capabilities"]["max_qubits"] == 2
         assert beat["calibration"]["qubits"]["1"]["t1_ns"] == 8_000.0
         assert beat["calibration"]["timestamp"]

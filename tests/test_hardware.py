@@ -24,14 +24,13 @@ pytest.importorskip(
 
 import executors
 from driver.orchestrator import LocalOrchestrator
-from driver.wire import EventType
 from executors.aer import AerExecutor
-from executors.base import ErrorCode, Experiment, Job, JobError
+from executors.base import ErrorCode, Experiment, Job, JobError, OptionError
 from executors.circuits import parse_qasm
 from executors.qibolab import QibolabExecutor
 from executors.qibolab.executor import BUNDLED_PLATFORMS
 from tests.circuits import BELL
-from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
+from tests.conftest import Daemon, daemon_env, heartbeats, run_job, start_connected, wait_for
 
 X_QASM3 = 'OPENQASM 3.0;\ninclude "stdgates.inc";\nqubit[2] q;\nbit[2] c;\nx q[0];\n' \
     "c = measure q;\n"
@@ -42,24 +41,11 @@ REGISTERS = 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[3];\ncreg a[1];\ncreg 
     "measure q[0] -> a[0];\nmeasure q[1] -> b[0];\nmeasure q[2] -> b[1];\n"
 
 
-def heartbeats(orch: LocalOrchestrator) -> list[dict[str, Any]]:
-    return [e.payload for e in orch.events if e.type == EventType.HEARTBEAT]
-
-
-async def run_job(orch: LocalOrchestrator, job: dict[str, Any]) -> dict[str, Any]:
-    done = await orch.result(orch.submit(job).id, timeout=120)
-    assert done.results is not None
-    return done.results
-
-
 async def start_node(tmp_path: Path, orch: LocalOrchestrator, options: dict[str, Any],
                      **env: str) -> Daemon:
-    d = start_daemon(tmp_path, daemon_env(tmp_path, orch, QPI_EXECUTOR="qibolab",
-                                          QPI_EXECUTOR_OPTIONS=json.dumps(options), **env))
-    await wait_for(lambda: orch.online or d.proc.poll() is not None, timeout=120,
-                   what="the daemon to connect")
-    assert d.proc.poll() is None, d.output()
-    return d
+    return await start_connected(tmp_path, orch, daemon_env(
+        tmp_path, orch, QPI_EXECUTOR="qibolab", QPI_EXECUTOR_OPTIONS=json.dumps(options), **env),
+        timeout=120)
 
 
 def run_direct(executor: QibolabExecutor, qasm: str, shots: int = 100) -> Any:
@@ -112,6 +98,7 @@ async def test_dummy_platform_shape_shots_and_bit_order(tmp_path: Path) -> None:
         beat = heartbeats(orch)[-1]
         caps = beat["capabilities"]
         assert caps["device"] == "qpu" and caps["max_qubits"] == 5 and caps["platform"] == "dummy"
+        assert caps["meas_levels"] == [1, 2]  # bits and IQ points; no raw traces
         assert [0, 2] in caps["coupling_map"] and [0, 1] not in caps["coupling_map"]
         assert "CZ" in caps["native_gates"]["two_qubit"]["0-2"]
         assert caps["timing"]["gate_durations_ns"]["1"]["measure"] == 2000.0
@@ -381,7 +368,9 @@ def test_unknown_platform_names_the_places_searched() -> None:
         QibolabExecutor({"platform": "no_such_chip"})
     with pytest.raises(ValueError, match="needs the option 'platform'"):
         QibolabExecutor({})
-    with pytest.raises(ValueError, match=r"unknown qibolab executor option.*max_shot"):
+    # The same refusal as every executor's (executors.base), naming what it knows.
+    with pytest.raises(OptionError, match=r"unknown option\(s\) 'max_shot' for executor "
+                       r"'qibolab'; it knows: .*max_shots"):
         QibolabExecutor({"platform": "dummy", "max_shot": 10})
 
 

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from driver.orchestrator import LocalOrchestrator
-from driver.wire import EventType
 from tests.circuits import BELL, REGISTERS
-from tests.conftest import ROOT, daemon_env, start_daemon, wait_for
+from tests.conftest import ROOT, daemon_env, heartbeats, start_connected, start_daemon
 
 GUIDE = ROOT / "docs" / "executors.md"
 
@@ -87,11 +86,8 @@ async def test_installed_plugin_is_found_by_name_and_runs_jobs(
     await orch.start()
     env = daemon_env(tmp_path, orch, PYTHONPATH=f"{ROOT}{os.pathsep}{site}",
                      QPI_EXECUTOR_OPTIONS='{"seed": 5, "max_qubits": 6}')
-    d = start_daemon(tmp_path, env, "--executor", name)
+    d = await start_connected(tmp_path, orch, env, "--executor", name)
     try:
-        await wait_for(lambda: orch.online or d.proc.poll() is not None, what="connect")
-        assert d.proc.poll() is None, d.output()
-
         record = orch.submit({"circuits": [BELL, REGISTERS], "shots": 500})
         res = (await orch.result(record.id, timeout=60)).results
         assert res is not None and res["success"] is True, res
@@ -106,13 +102,29 @@ async def test_installed_plugin_is_found_by_name_and_runs_jobs(
         ]}).id, timeout=60)).results
         assert too_big is not None and too_big["error_code"] == "QUOTA_EXCEEDED"
 
-        beats = [e.payload for e in orch.events if e.type == EventType.HEARTBEAT]
+        beats = heartbeats(orch)
         assert beats and beats[-1]["executor"] == name
         assert beats[-1]["capabilities"]["max_qubits"] == 6
+        assert beats[-1]["capabilities"]["meas_levels"] == [2]
         assert "timestamp" in beats[-1]["calibration"]
     finally:
         assert d.stop() == 0, d.output()
         await orch.stop()
+
+
+def test_the_guides_adapter_refuses_an_option_it_does_not_declare(
+    plugin_site: tuple[Path, str],
+) -> None:
+    site, _ = plugin_site
+    probe = ("from qpi_statevector import StatevectorExecutor as E\n"
+             "E({'seed': 1, 'max_qubits': 3})\n"
+             "try:\n    E({'max_qbits': 3})\n"
+             "except ValueError as exc:\n    print(type(exc).__name__, exc)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=120, check=True,
+                         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{site}"})
+    assert out.stdout.startswith("OptionError unknown option(s) 'max_qbits'"), out
+    assert "it knows: max_qubits, seed" in out.stdout
 
 
 async def test_without_the_package_the_name_is_unknown(

@@ -116,3 +116,15 @@ def test_unknown_executor_is_a_clear_error(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 69
     assert "unknown executor 'nope'" in proc.stderr
+
+
+def test_misspelt_executor_option_stops_the_daemon_with_the_name(tmp_path: Path) -> None:
+    """A typo in an executor option is an error at start, not a default silently kept."""
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "QPI_METRICS_ADDR": ""}
+    proc = subprocess.run([sys.executable, "-m", "driver", "--executor", "aer",
+                           "--executor-option", "seeed=3", "--local-port", "0",
+                           "--data-dir", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "unknown option(s) 'seeed' for executor 'aer'; it knows: " in out, out

@@ -2,7 +2,7 @@
 parameters say (frequencies, thresholds, native pulses, topology) merged with what a
 qibocal `calibration.json` measured (T1, T2, readout and gate fidelities).
 
-The snapshot's shape is the one `executors.noise` reads back, so a saved heartbeat
+The snapshot's shape is the format of `executors.calibration`, so a saved heartbeat
 calibration can drive an Aer digital twin of this QPU.
 """
 
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from executors.noise import (
+from executors.calibration import (
     DEFAULT_1Q_NS,
     DEFAULT_MEASURE_NS,
     TWO_QUBIT_GATES,

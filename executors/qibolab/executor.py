@@ -35,6 +35,7 @@ from executors.base import (
     Job,
     JobError,
     JobResult,
+    OptionError,
     circuit_header,
 )
 from executors.qibolab.calibration import (
@@ -77,13 +78,9 @@ class QibolabExecutor(Executor):
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
         opts = self.options
-        unknown = sorted(set(opts) - self.OPTIONS)
-        if unknown:  # a misspelt option would otherwise be ignored without a word
-            raise ValueError(f"unknown qibolab executor option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(self.OPTIONS))}")
         spec = opts.get("platform")
         if not spec:
-            raise ValueError(
+            raise OptionError(
                 "the qibolab executor needs the option 'platform': a platform folder, a name "
                 f"in ${PLATFORMS_ENV}, one of {', '.join(bundled_platforms())}, or 'dummy'"
             )
@@ -137,6 +134,8 @@ class QibolabExecutor(Executor):
             basis_gates=(*gate_set.basis_gates, "barrier", "delay", "measure"),
             precision="hardware",
             device="qpu",
+            # Bits, or IQ points per shot or averaged; raw traces (0) are not read out.
+            meas_levels=(1, 2),
             extra={
                 "platform": platform.name,
                 "qubits": [str(q) for q in gate_set.wires],
@@ -148,7 +147,6 @@ class QibolabExecutor(Executor):
                 },
                 "timing": timing,
                 "instruments": {k: type(v).__name__ for k, v in platform.instruments.items()},
-                "meas_levels": [1, 2],
                 "qibolab_version": qibolab.__version__,
             },
         )
@@ -168,10 +166,6 @@ class QibolabExecutor(Executor):
 
     def run(self, job: Job) -> JobResult:
         self._reload_if_changed()
-        if job.meas_level == 0:
-            raise JobError(ErrorCode.JOB_FAILED,
-                           "executor 'qibolab' returns meas_level 2 (bits) or 1 (IQ per shot "
-                           "or averaged); raw traces (meas_level 0) are not supported")
         if self._fault is not None and not self._reconnect():
             raise JobError(ErrorCode.JOB_FAILED,
                            f"{self._fault}; the job was not run, the node keeps retrying "
@@ -340,7 +334,7 @@ def _find_platform(spec: str) -> Path:
     for root in [*search, BUNDLED_PLATFORMS]:
         if (root / spec / "platform.py").is_file():
             return (root / spec).resolve()
-    raise ValueError(
+    raise OptionError(
         f"no qibolab platform {spec!r}: not a folder holding platform.py, not in "
         f"${PLATFORMS_ENV} ({os.environ.get(PLATFORMS_ENV) or 'unset'}), and not bundled "
         f"({', '.join(bundled_platforms())}); 'dummy' is qibolab's random test platform"

@@ -15,13 +15,14 @@ protocol §5 could not be kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from executors.base import ErrorCode, JobError
-from executors.noise import TWO_QUBIT_GATES
+from executors.calibration import TWO_QUBIT_GATES
 
 if TYPE_CHECKING:
     from qiskit.circuit import QuantumCircuit
@@ -198,39 +199,45 @@ def to_native(circuit: QuantumCircuit, gate_set: NativeGateSet, target: Target,
     return NativeCircuit(native, measure, clbits, circuit.num_clbits)
 
 
+# Each native Qiskit gate as the qibo gate qibolab's compiler plays: sx and x are the
+# GPI2 / GPI pulses at phase 0, rz a virtual Z.
+_QIBO_GATES: dict[str, Callable[[Any, list[int], Any], Any]] = {
+    "rz": lambda g, qubits, op: g.RZ(qubits[0], float(op.params[0])),
+    "sx": lambda g, qubits, _: g.GPI2(qubits[0], 0.0),
+    "x": lambda g, qubits, _: g.GPI(qubits[0], 0.0),
+    "cz": lambda g, qubits, _: g.CZ(*qubits),
+    "cx": lambda g, qubits, _: g.CNOT(*qubits),
+    "iswap": lambda g, qubits, _: g.iSWAP(*qubits),
+}
+
+
 def _qibo_gate(gates: Any, name: str, qubits: list[int], op: Any, dt_s: float | None) -> Any:
-    if name == "rz":
-        return gates.RZ(qubits[0], float(op.params[0]))
-    if name == "sx":
-        return gates.GPI2(qubits[0], 0.0)
-    if name == "x":
-        return gates.GPI(qubits[0], 0.0)
-    if name == "cz":
-        return gates.CZ(*qubits)
-    if name == "cx":
-        return gates.CNOT(*qubits)
-    if name == "iswap":
-        return gates.iSWAP(*qubits)
+    make = _QIBO_GATES.get(name)
+    if make is not None:
+        return make(gates, qubits, op)
     if name == "delay":
-        unit = op.unit
-        if unit == "dt":
-            if dt_s is None:
-                raise JobError(ErrorCode.CIRCUIT_INVALID,
-                               "a delay in 'dt' needs a controller sampling rate; this "
-                               "platform has none, give the delay in ns")
-            ns = float(op.duration) * dt_s * 1e9
-        elif unit in _NS_PER_UNIT:
-            ns = float(op.duration) * _NS_PER_UNIT[unit]
-        else:
-            raise JobError(ErrorCode.CIRCUIT_INVALID,
-                           f"a delay in {unit!r} has no fixed length; give it in s, ms, us, "
-                           "ns, ps or dt")
-        return gates.Align(qubits[0], delay=round(ns))
+        return gates.Align(qubits[0], delay=round(_delay_ns(op, dt_s)))
     if name == "reset":
         raise JobError(ErrorCode.CIRCUIT_INVALID,
                        "reset is not supported by the qibolab executor (no active reset)")
     raise JobError(ErrorCode.CIRCUIT_INVALID,
                    f"'{name}' has no native form on this platform")
+
+
+def _delay_ns(op: Any, dt_s: float | None) -> float:
+    """A Qiskit delay's length in ns; one in "dt" needs the controller's sample time."""
+    unit = op.unit
+    if unit == "dt":
+        if dt_s is None:
+            raise JobError(ErrorCode.CIRCUIT_INVALID,
+                           "a delay in 'dt' needs a controller sampling rate; this "
+                           "platform has none, give the delay in ns")
+        return float(op.duration) * dt_s * 1e9
+    if unit in _NS_PER_UNIT:
+        return float(op.duration) * _NS_PER_UNIT[unit]
+    raise JobError(ErrorCode.CIRCUIT_INVALID,
+                   f"a delay in {unit!r} has no fixed length; give it in s, ms, us, "
+                   "ns, ps or dt")
 
 
 def bitstrings(native: NativeCircuit, samples: dict[int, np.ndarray], shots: int) -> list[str]:
