@@ -4,10 +4,16 @@ and parameter binding in the order Qiskit sorts parameters."""
 from __future__ import annotations
 
 import math
+import os
 import re
-from collections.abc import Sequence
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from qiskit.circuit import QuantumCircuit
@@ -15,6 +21,10 @@ if TYPE_CHECKING:
 _VERSION = re.compile(r"^\s*(?://[^\n]*\n\s*|/\*.*?\*/\s*)*OPENQASM\s+(\d+)(?:\.\d+)?\s*;", re.S)
 _QISKIT_POSITION = re.compile(r"^(?:<input>:)?(\d+),(\d+):\s*")
 _ANTLR_POSITION = re.compile(r"^L(\d+):C(\d+):\s*")
+
+ImportPath = Literal["qasm2", "native", "full"]
+"""Which importer built a circuit: Qiskit's OpenQASM 2 loader, Qiskit's native (Rust)
+OpenQASM 3 importer, or the full pure-Python one (qiskit_qasm3_import)."""
 
 
 class CircuitError(ValueError):
@@ -43,27 +53,260 @@ def qasm_version(source: str) -> int:
     return version
 
 
+class ParsedCircuit(NamedTuple):
+    """A parsed circuit and the importer that built it."""
+
+    circuit: QuantumCircuit
+    path: ImportPath
+
+
 def parse_qasm(source: str) -> QuantumCircuit:
     """Parse OpenQASM 2 or 3 text. Results are cached by text: callers must not
     mutate the returned circuit (binding parameters returns a copy)."""
+    return parse_qasm_traced(source).circuit
+
+
+def parse_qasm_traced(source: str) -> ParsedCircuit:
+    """`parse_qasm`, also saying which importer built the circuit (for tests and
+    benchmarks; the circuit is the same whichever it was)."""
     if not isinstance(source, str) or not source.strip():
         raise CircuitError("the circuit is empty; expected OpenQASM 2 or 3 text")
     return _parse_cached(source)
 
 
 @lru_cache(maxsize=512)
-def _parse_cached(source: str) -> QuantumCircuit:
+def _parse_cached(source: str) -> ParsedCircuit:
     version = qasm_version(source)
+    if version == 3:
+        native = _load_native(source)
+        if native is not None:
+            return ParsedCircuit(native, "native")
     try:
         if version == 2:
             from qiskit import qasm2
 
-            return qasm2.loads(source, custom_instructions=qasm2.LEGACY_CUSTOM_INSTRUCTIONS)
+            circuit = qasm2.loads(source, custom_instructions=qasm2.LEGACY_CUSTOM_INSTRUCTIONS)
+            return ParsedCircuit(circuit, "qasm2")
         from qiskit import qasm3
 
-        return qasm3.loads(source)
+        # Always the original text, so every error and position is the full importer's.
+        return ParsedCircuit(qasm3.loads(source), "full")
     except Exception as exc:  # the loaders raise several unrelated types
         raise _located(exc) from None
+
+
+# The native importer (qiskit.qasm3.loads_experimental) is an order of magnitude faster
+# than qiskit_qasm3_import, but handles only part of OpenQASM 3 and does some checks less
+# (it accepts `cx q[0], q[0]`). It is tried only on programs made entirely of the
+# statements below, in the forms qiskit.qasm3.dumps writes them, after the constants
+# dumps writes for angles (`pi/2`, `-3*pi/4`, `1/(2*pi)`) are replaced by the float the
+# full importer computes for them; anything else, and anything it refuses, goes to the
+# full importer with the original text. tests/test_qasm3_import.py holds both to the
+# same circuit over a corpus of what dumps emits.
+
+# The gates of stdgates.inc, and the builtin U (dumps writes it for Qiskit's UGate and the
+# native importer cannot build it: it is renamed, see _native_gates).
+_NATIVE_GATES = (
+    "p", "x", "y", "z", "h", "s", "sdg", "t", "tdg", "sx", "rx", "ry", "rz", "cx", "cy",
+    "cz", "cp", "crx", "cry", "crz", "ch", "swap", "ccx", "cswap", "cu", "CX", "phase",
+    "cphase", "id", "u1", "u2", "u3", "U",
+)  # fmt: skip
+# Names, less the builtin constants and the keywords a name could collide with. A
+# register's must be one the full importer keeps as written (it escapes others: `Q`
+# becomes `esc_Q`); a lone qubit or bit (`qubit _qubit0;`) has no name in the circuit.
+_RESERVED = (
+    r"(?!(?:pi|tau|euler|measure|barrier|reset|qubit|bit|gate|if|for|while|let|const|"
+    r"input|output|delay|box|include|defcal|extern|def|return|true|false)(?!\w))"
+)
+_REGISTER = rf"{_RESERVED}[a-z][A-Za-z0-9_]*"
+_NAME = rf"{_RESERVED}[A-Za-z_][A-Za-z0-9_]*"
+# Sizes and indices of at most four digits: the native importer allocates a declared
+# register before anything checks its size (qubit[99999999999999] runs out of memory).
+_INDEX = r"\s*\[\s*\d{1,4}\s*\]"
+_OPERAND = rf"{_NAME}(?:{_INDEX})?"
+_OPERANDS = rf"{_OPERAND}(?:\s*,\s*{_OPERAND})*"
+# Float literals as repr() and dumps (f"{x:#}") write them; "3.e+17" gets its missing 0
+# (the native importer panics on a point with no digit after it). Ints stay with the full
+# importer, which keeps `rz(0)`'s angle an int.
+_FLOAT = r"\d+\.\d+(?:e[+-]?\d+)?|\d+\.e[+-]?\d+|\d+e[+-]?\d+"
+_COUNT = r"[1-9]\d{0,5}"  # no zero (pi/0 is the full importer's error) and no huge ints
+_PI = rf"(?:{_COUNT}\*)?pi(?:/{_COUNT})?|{_COUNT}/\({_COUNT}\*pi\)"
+_ARGUMENT = rf"-?(?:{_FLOAT}|{_PI})"
+_STATEMENTS = (
+    r'include\s*"stdgates\.inc"',
+    rf"(?:qubit|bit)(?:{_INDEX}\s*{_REGISTER}|\s+{_NAME})",
+    rf"(?:{'|'.join(_NATIVE_GATES)})(?!\w)"
+    rf"(?:\s*\(\s*{_ARGUMENT}(?:\s*,\s*{_ARGUMENT})*\s*\)\s*|\s+){_OPERANDS}",
+    rf"{_OPERAND}\s*=\s*measure\s+{_OPERAND}",
+    rf"barrier\s+{_OPERANDS}",  # a bare `barrier;` makes the native importer panic
+)
+_SPACE = r"\s+|//[^\n]*|/\*.*?\*/"
+_NATIVE_SUBSET = re.compile(
+    # Possessive: a program outside the subset fails fast instead of backtracking.
+    rf"(?:{_SPACE})*+OPENQASM\s+3\.\d+\s*;(?:{_SPACE}|(?:{'|'.join(_STATEMENTS)})\s*;)*+",
+    re.S,
+)
+# A whole gate argument (between `(` or `,` and `,` or `)`) in one of the forms above.
+_PI_ARGUMENT = re.compile(
+    rf"(?<=[(,])(\s*)(-?)(?:({_COUNT})/\(({_COUNT})\*pi\)|(?:({_COUNT})\*)?pi(?:/({_COUNT}))?)"
+    r"(?=\s*[,)])"
+)
+
+
+_BARE_POINT = re.compile(r"(?<=\d)\.(?=e)")
+_BUILTIN_U = re.compile(r"(?<![\w$])U(?=\s*\()")
+# A name no program in the subset can use (its names start with a lowercase letter).
+_U_STANDIN = "_qpi_U"
+
+
+def native_text(source: str) -> str | None:
+    """The text to give the native importer, or None where the program is outside what
+    it is trusted with."""
+    if _NATIVE_SUBSET.fullmatch(source) is None:
+        return None
+    text = _PI_ARGUMENT.sub(_pi_literal, source) if "pi" in source else source
+    if ".e" in text:
+        text = _BARE_POINT.sub(".0", text)
+    if "U" in text and _BUILTIN_U.search(text):
+        # Declared on the header's line, so line numbers stay as they were.
+        header = _VERSION.match(text)
+        if header is None:  # cannot happen: the subset starts with the header
+            return None
+        text = (
+            text[: header.end()]
+            + f" gate {_U_STANDIN}(theta, phi, lambda) a {{}}"
+            + _BUILTIN_U.sub(_U_STANDIN, text[header.end() :])
+        )
+    return text
+
+
+def _pi_literal(match: re.Match[str]) -> str:
+    """The float the full importer computes for one constant, evaluated the same way:
+    Python ints and floats, left to right (`3*pi/4` is (3*pi)/4)."""
+    space, minus, over, under, times, by = match.groups()
+    if over is not None:
+        value = int(over) / (int(under) * math.pi)
+    else:
+        value = math.pi if times is None else int(times) * math.pi
+        if by is not None:
+            value = value / int(by)
+    # Negation is exact, so -(x) equals the full importer's (-3)*pi/4 bit for bit.
+    return space + repr(-value if minus else value)
+
+
+_NATIVE_LOCK = threading.Lock()
+_WARNING = "This is an experimental native version of the OpenQASM 3 importer"
+
+
+def _load_native(source: str) -> QuantumCircuit | None:
+    """The native importer's circuit, or None where the full importer must decide."""
+    text = native_text(source)
+    if text is None:
+        return None
+    from qiskit import qasm3
+    from qiskit.exceptions import ExperimentalWarning
+
+    with _NATIVE_LOCK, _output_held() as quiet, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _WARNING, ExperimentalWarning)
+        try:
+            circuit = qasm3.loads_experimental(text, custom_gates=_native_gates())
+        except Exception:
+            return None
+        except BaseException as exc:  # a Rust panic is a BaseException (pyo3's PanicException)
+            if type(exc).__name__ != "PanicException":
+                raise
+            return None
+        quiet.release()
+    return circuit if _distinct_bits(circuit) else None
+
+
+@lru_cache(maxsize=1)
+def _native_gates() -> list[Any]:
+    """stdgates.inc built as the full importer builds it: `id` is U(0, 0, 0) (ints), and
+    the stand-in for the builtin U is a UGate."""
+    from qiskit.circuit.library import UGate
+    from qiskit.qasm3 import STDGATES_INC_GATES, CustomGate
+
+    def identity() -> UGate:
+        return UGate(0, 0, 0)
+
+    gates = [gate for gate in STDGATES_INC_GATES if gate.name != "id"]
+    return [*gates, CustomGate(identity, "id", 0, 1), CustomGate(UGate, _U_STANDIN, 3, 1)]
+
+
+def _distinct_bits(circuit: QuantumCircuit) -> bool:
+    """The native importer builds `cx q[0], q[0]`, which the full one rejects."""
+    for instruction in circuit.data:
+        qubits, clbits = instruction.qubits, instruction.clbits
+        if len(qubits) > 1 and len(set(qubits)) != len(qubits):
+            return False
+        if len(clbits) > 1 and len(set(clbits)) != len(clbits):
+            return False
+    return True
+
+
+class _HeldOutput:
+    """Whether what reached fds 1 and 2 during the native import is passed on: not its
+    own diagnostics when it fails, but whatever other threads wrote meanwhile when it
+    succeeds (it prints nothing then)."""
+
+    def __init__(self) -> None:
+        self.keep = False
+
+    def release(self) -> None:
+        self.keep = True
+
+
+_scratch: dict[tuple[int, int], int] = {}  # (pid, fd) -> scratch file; a fork opens its own
+
+
+@contextmanager
+def _output_held() -> Iterator[_HeldOutput]:
+    """Point fds 1 and 2 at scratch files: the native importer prints its parse errors
+    to the process's stdout and Rust panics to its stderr, which would reach the daemon's
+    logs. Callers hold _NATIVE_LOCK."""
+    held = _HeldOutput()
+    saved: list[tuple[int, int, int]] = []  # (fd, its saved copy, scratch)
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with suppress(OSError, ValueError):  # closed or detached: nothing pending
+                stream.flush()  # Python-level text written before the call goes out now
+    try:
+        for fd in (1, 2):
+            try:
+                copy = os.dup(fd)
+            except OSError:  # not open: nothing to keep the diagnostics out of
+                continue
+            scratch = _scratch_file(fd)
+            saved.append((fd, copy, scratch))
+            os.dup2(scratch, fd)
+        yield held
+    finally:
+        for fd, copy, scratch in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+            if held.keep and os.lseek(scratch, 0, os.SEEK_CUR):
+                _copy_out(scratch, fd)
+
+
+def _scratch_file(fd: int) -> int:
+    key = (os.getpid(), fd)
+    scratch = _scratch.get(key)
+    if scratch is None:
+        scratch, path = tempfile.mkstemp(prefix="qpi-qasm3-")
+        os.unlink(path)
+        _scratch[key] = scratch
+    os.ftruncate(scratch, 0)
+    os.lseek(scratch, 0, os.SEEK_SET)
+    return scratch
+
+
+def _copy_out(scratch: int, fd: int) -> None:
+    os.lseek(scratch, 0, os.SEEK_SET)
+    while chunk := os.read(scratch, 65536):
+        view = memoryview(chunk)
+        while view:  # a pipe or socket may take less than all of it
+            view = view[os.write(fd, view) :]
 
 
 def _located(exc: BaseException) -> CircuitError:
