@@ -137,15 +137,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "run"
-    if command == "submit":
-        return _submit(args)
-    if command == "status":
-        return _status(args)
-    if command == "orchestrator":
-        logs.configure()
-        return asyncio.run(_orchestrator_alone(args))
-    if command == "store":
-        return _store(args)
+    tools: dict[str, Callable[[argparse.Namespace], int]] = {
+        "submit": _submit, "status": _status, "store": _store, "orchestrator": _orchestrator,
+    }
+    if command in tools:
+        return tools[command](args)
     try:
         if command == "config":
             return _config_check(args.file, args.strict)
@@ -275,6 +271,11 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     finally:
         if orchestrator is not None:
             await orchestrator.stop()
+
+
+def _orchestrator(args: argparse.Namespace) -> int:
+    logs.configure()
+    return asyncio.run(_orchestrator_alone(args))
 
 
 async def _orchestrator_alone(args: argparse.Namespace) -> int:
