@@ -280,7 +280,7 @@ def _values(entries: list[tuple[str, str, str]], key: str) -> list[str]:
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
 def test_unit_matches_the_daemon(unit: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from driver.service import EX_NOPERM, EX_UNAVAILABLE
+    from driver.service import EX_DATAERR, EX_NOPERM, EX_UNAVAILABLE
 
     for key in list(os.environ):
         if key.startswith("QPI_"):
@@ -292,7 +292,7 @@ def test_unit_matches_the_daemon(unit: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert one["WatchdogSec"] and one["Restart"] == "on-failure"
     # Codes a restart cannot fix are exactly the ones the daemon exits with for them.
     assert set(one["RestartPreventExitStatus"].split()) == {
-        str(EX_CONFIG), str(EX_NOPERM), str(EX_UNAVAILABLE)}
+        str(EX_CONFIG), str(EX_NOPERM), str(EX_UNAVAILABLE), str(EX_DATAERR)}
     credential, _, source = one["LoadCredential"].partition(":")
     assert credential == CREDENTIAL_NAME and source.startswith("/etc/qpi-driver/")
     assert one["StateDirectory"].startswith("qpi-driver")
