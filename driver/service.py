@@ -147,9 +147,10 @@ class Driver:
         else:
             await self.executor.stop()
         owed = 0
-        if self.store is not None:
+        if self.store is not None and runner is not None:
             self.outbox.close()
             owed = self.outbox.owed_on_disk()
+        if self.store is not None:
             self.store.close()
         log.info("stopped", results_owed=owed,
                  queued_not_run=runner.waiting if runner is not None else 0)
@@ -215,6 +216,9 @@ class Driver:
                                      self.settings.result_max_rows)
             interrupted = self.store.recover_interrupted()
         except (OSError, sqlite3.Error) as exc:
+            if self.store is not None:
+                self.store.close()
+                self.store = None
             damage = _describe_damage(path, exc)
             if damage is not None:
                 log.error(damage, path=str(path), reason=str(exc))
