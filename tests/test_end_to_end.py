@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
 
 from driver.orchestrator import LocalOrchestrator
 from tests.circuits import BELL, REGISTERS, SWEEP_QASM3
-from tests.conftest import Daemon
+from tests.conftest import Daemon, run_job
 
 GHZ_QASM3 = """OPENQASM 3.0;
 include "stdgates.inc";
@@ -20,14 +19,6 @@ cx q[1], q[2];
 cx q[2], q[3];
 c = measure q;
 """
-
-
-
-async def run_job(orch: LocalOrchestrator, job: dict[str, Any]) -> dict[str, Any]:
-    record = orch.submit(job)
-    done = await orch.result(record.id, timeout=60)
-    assert done.results is not None
-    return done.results
 
 
 def assert_binomial(count: int, shots: int, p: float, sigmas: float = 5.0) -> None:

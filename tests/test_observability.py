@@ -17,9 +17,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from driver.orchestrator import LocalOrchestrator
 from driver.wire import EventType
 from tests.circuits import BELL
-from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
+from tests.conftest import (
+    COUNTING,
+    Daemon,
+    aer_max_qubits,
+    daemon_env,
+    heartbeats,
+    start_connected,
+    wait_for,
+)
 
-SLOW = "tests.executors_for_tests:CountingExecutor"  # Aer that sleeps on `// sleep S`
+SLOW = COUNTING  # Aer that sleeps on `// sleep S`
 HEARTBEAT_FIELDS = {"status", "executor", "queue_depth", "running_job", "counters", "uptime_s",
                     "version", "capabilities", "calibration"}
 
@@ -52,16 +60,11 @@ def value(snap: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
 
 
 async def start_observed(tmp_path: Path, orch: LocalOrchestrator, **env: str) -> tuple[Daemon, int]:
-    d = start_daemon(tmp_path, daemon_env(tmp_path, orch, QPI_METRICS_ADDR="127.0.0.1:0", **env))
-    await wait_for(lambda: orch.online or d.proc.poll() is not None, what="connect")
-    assert d.proc.poll() is None, d.output()
+    d = await start_connected(tmp_path, orch,
+                              daemon_env(tmp_path, orch, QPI_METRICS_ADDR="127.0.0.1:0", **env))
     ports = re.findall(r'"port": (\d+), "event": "metrics listening"', d.output())
     assert ports, d.output()
     return d, int(ports[0])
-
-
-def heartbeats(orch: LocalOrchestrator) -> list[dict[str, object]]:
-    return [e.payload for e in orch.events if e.type == EventType.HEARTBEAT]
 
 
 async def test_metrics_move_by_the_right_amounts(tmp_path: Path) -> None:
@@ -95,7 +98,7 @@ async def test_metrics_move_by_the_right_amounts(tmp_path: Path) -> None:
         assert value(after, "qpi_orchestrator_connected") == 1
         assert value(after, "qpi_queue_depth") == 0
         assert value(after, "qpi_executor_info", executor="aer", device="cpu",
-                     precision="double", max_qubits="30") == 1
+                     precision="double", max_qubits=str(aer_max_qubits())) == 1
         assert value(after, "process_resident_memory_bytes") > 0
         assert value(after, "qpi_heartbeats_sent_total") >= 1
     finally:
@@ -113,8 +116,9 @@ async def test_heartbeats_carry_every_field_at_the_interval_and_on_change(tmp_pa
         assert set(beat) >= HEARTBEAT_FIELDS
         assert beat["status"] == "idle" and beat["executor"] == SLOW
         caps = beat["capabilities"]
-        assert isinstance(caps, dict) and caps["max_qubits"] == 30 and caps["device"] == "cpu"
-        assert "timestamp" in beat["calibration"]  # type: ignore[operator]
+        assert isinstance(caps, dict) and caps["device"] == "cpu"
+        assert caps["max_qubits"] == aer_max_qubits() and caps["meas_levels"] == [2]
+        assert "timestamp" in beat["calibration"]
         times = [e.ts for e in orch.events if e.type == EventType.HEARTBEAT]
         assert len(times) >= 4
 

@@ -4,9 +4,9 @@ route, disabled and down orchestrators."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -21,13 +21,14 @@ from driver.registration import (
 )
 from driver.settings import load_settings
 from driver.tls import FingerprintMismatch, generate_identity
-from tests.conftest import daemon_env, start_daemon
+from tests.conftest import daemon_env, start_daemon, wait_for
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Serve = Callable[[dict[tuple[str, str], Handler]], Awaitable[str]]
 
 
 @pytest.fixture
-async def http_app() -> AsyncIterator[Callable[[dict[tuple[str, str], Handler]], Awaitable[str]]]:
+async def http_app() -> AsyncIterator[Serve]:
     runners: list[web.AppRunner] = []
 
     async def serve(routes: dict[tuple[str, str], Handler]) -> str:
@@ -48,7 +49,8 @@ async def http_app() -> AsyncIterator[Callable[[dict[tuple[str, str], Handler]],
 
 
 def registrar(url: str, fingerprint: str | None, token: str = "tok-123") -> Registrar:
-    flags = {"orchestrator_url": url, "access_token": token, "ca_fingerprint": fingerprint}
+    flags: dict[str, Any] = {"orchestrator_url": url, "access_token": token,
+                             "ca_fingerprint": fingerprint}
     if fingerprint is None:
         flags["insecure_tcp"] = True
     return Registrar(load_settings(flags), {"max_qubits": 5})
@@ -97,7 +99,7 @@ async def test_fingerprint_accepts_colons_and_upper_case() -> None:
         await orch.stop()
 
 
-async def test_legacy_connect_route_on_404(http_app) -> None:  # type: ignore[no-untyped-def]
+async def test_legacy_connect_route_on_404(http_app: Serve) -> None:
     seen: dict[str, object] = {}
 
     async def legacy(request: web.Request) -> web.Response:
@@ -111,7 +113,7 @@ async def test_legacy_connect_route_on_404(http_app) -> None:  # type: ignore[no
     assert seen["access_token"] == "tok-123" and "executor_type" in seen
 
 
-async def test_disabled_and_down_are_classified(http_app) -> None:  # type: ignore[no-untyped-def]
+async def test_disabled_and_down_are_classified(http_app: Serve) -> None:
     async def forbidden(_: web.Request) -> web.Response:
         return web.json_response({}, status=403)
 
@@ -131,7 +133,7 @@ async def test_disabled_and_down_are_classified(http_app) -> None:  # type: igno
         await registrar("http://127.0.0.1:9", None).connect()
 
 
-async def test_tampered_ca_is_refused(http_app) -> None:  # type: ignore[no-untyped-def]
+async def test_tampered_ca_is_refused(http_app: Serve) -> None:
     real, fake = generate_identity("127.0.0.1"), generate_identity("127.0.0.1")
 
     async def root_ca(_: web.Request) -> web.Response:
@@ -160,16 +162,20 @@ async def test_daemon_waits_for_a_late_orchestrator(tmp_path: Path) -> None:
     d = start_daemon(tmp_path, daemon_env(tmp_path, None, QPI_ADDR=url, QPI_ACCESS_TOKEN=token,
                                           QPI_CA_FINGERPRINT=fp or ""))
     try:
-        await asyncio.sleep(2.0)
+        # It has tried, found nobody, and tried again (backoff capped at 1 s here).
+        await wait_for(lambda: len(d.logged("orchestrator not reachable")) >= 2
+                       or d.proc.poll() is not None,
+                       timeout=30, what="the daemon to find no orchestrator, twice")
         assert d.proc.poll() is None, d.output()
         late = LocalOrchestrator(port=port, token=token)
         late.identity = orch.identity  # same CA, as a restarted orchestrator keeps it
         await late.start()
-        deadline = time.monotonic() + 30
-        while not late.online and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert late.online, d.output()
-        await late.stop()
+        try:
+            await wait_for(lambda: late.online or d.proc.poll() is not None, timeout=30,
+                           what="the daemon to connect late")
+            assert late.online, d.output()
+        finally:
+            await late.stop()
     finally:
         assert d.stop() == 0, d.output()
     assert "orchestrator not reachable" in d.output()

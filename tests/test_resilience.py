@@ -8,15 +8,23 @@ import json
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from driver.orchestrator import LocalOrchestrator
 from driver.wire import EventType, encode
 from tests.circuits import BELL
-from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
-
-COUNTING = "tests.executors_for_tests:CountingExecutor"
+from tests.conftest import (
+    answers,
+    counting_daemon,
+    daemon_env,
+    executions,
+    heartbeats,
+    run_job,
+    start_connected,
+    wait_for,
+)
 
 
 def marked(marker: str) -> str:
@@ -31,26 +39,12 @@ async def orch() -> AsyncIterator[LocalOrchestrator]:
     await o.stop()
 
 
-async def counting_daemon(tmp_path: Path, orch: LocalOrchestrator, **env: str) -> Daemon:
-    count = tmp_path / "executions.log"
-    options = json.dumps({"count_file": str(count)})
-    d = start_daemon(tmp_path, daemon_env(tmp_path, orch, QPI_EXECUTOR=COUNTING,
-                                          QPI_EXECUTOR_OPTIONS=options, **env))
-    await wait_for(lambda: orch.online or d.proc.poll() is not None, what="daemon connect")
-    assert d.proc.poll() is None, d.output()
-    return d
-
-
-def executions(tmp_path: Path) -> list[str]:
-    path = tmp_path / "executions.log"
-    return path.read_text().split() if path.exists() else []
-
-
-async def finished(orch: LocalOrchestrator, job: dict[str, object]) -> dict[str, object]:
-    record = orch.submit(job)
-    done = await orch.result(record.id, timeout=90)
-    assert done.results is not None
-    return done.results
+async def barrier(orch: LocalOrchestrator) -> None:
+    """Returns once the daemon has answered every frame sent before it: a job dispatched
+    now reaches the daemon behind them on the same socket, and a replayed answer goes out
+    at intake, before the new job has even run."""
+    ok = await run_job(orch, {"circuits": [BELL], "shots": 8})
+    assert ok["success"] is True
 
 
 async def test_segfault_fails_only_that_job_and_a_fresh_worker_serves(
@@ -58,12 +52,12 @@ async def test_segfault_fails_only_that_job_and_a_fresh_worker_serves(
 ) -> None:
     d = await counting_daemon(tmp_path, orch)
     try:
-        crashed = await finished(orch, {"circuits": [marked("segfault")]})
+        crashed = await run_job(orch, {"circuits": [marked("segfault")]})
         assert crashed["error_code"] == "EXECUTOR_CRASHED"
         assert "SIGSEGV" in str(crashed["error"])
-        exited = await finished(orch, {"circuits": [marked("exit")]})
+        exited = await run_job(orch, {"circuits": [marked("exit")]})
         assert "exited with status 3" in str(exited["error"])
-        ok = await finished(orch, {"circuits": [BELL], "shots": 64})
+        ok = await run_job(orch, {"circuits": [BELL], "shots": 64})
         assert ok["success"] is True
     finally:
         assert d.stop() == 0, d.output()
@@ -75,9 +69,9 @@ async def test_hang_times_out_and_the_next_job_runs(
 ) -> None:
     d = await counting_daemon(tmp_path, orch, QPI_JOB_TIMEOUT_S="30")
     try:
-        hung = await finished(orch, {"circuits": [marked("hang")], "timeout_s": 1.5})
+        hung = await run_job(orch, {"circuits": [marked("hang")], "timeout_s": 1.5})
         assert hung["error_code"] == "JOB_TIMEOUT" and "1.5 s" in str(hung["error"])
-        ok = await finished(orch, {"circuits": [BELL], "shots": 64})
+        ok = await run_job(orch, {"circuits": [BELL], "shots": 64})
         assert ok["success"] is True
     finally:
         assert d.stop() == 0, d.output()
@@ -97,7 +91,7 @@ async def test_duplicates_are_absorbed_or_answered_never_rerun(
         await orch.send_event(EventType.JOB_DISPATCH, again)  # finished: stored answer
         await wait_for(lambda: record.results_received >= 2, what="the stored answer")
         assert record.results == first
-        await asyncio.sleep(0.5)
+        await barrier(orch)  # nothing more is on its way for the two dispatches
         assert record.results_received == 2
     finally:
         assert d.stop() == 0, d.output()
@@ -131,11 +125,13 @@ async def test_results_made_while_disconnected_are_sent_after_reconnect(
         record = orch.submit({"circuits": [marked("sleep 1.5")], "shots": 16})
         await wait_for(lambda: record.status == "running", what="the job to run")
         await orch.stop_nng()  # the orchestrator goes away mid-job
-        await asyncio.sleep(2.5)  # the job finishes with nobody to hand it to
+        # The job finishes with nobody to hand it to.
+        await wait_for(lambda: d.logged("job finished", job_id=record.id), timeout=60,
+                       what="the job to finish while the orchestrator is away")
         await orch.start_nng()  # new ports: the daemon must register again
         await orch.result(record.id, timeout=60)
         assert record.status == "completed"
-        ok = await finished(orch, {"circuits": [BELL], "shots": 8})
+        ok = await run_job(orch, {"circuits": [BELL], "shots": 8})
         assert ok["success"] is True
     finally:
         assert d.stop() == 0, d.output()
@@ -144,20 +140,22 @@ async def test_results_made_while_disconnected_are_sent_after_reconnect(
 
 
 async def test_cancel_queued_and_running_jobs(tmp_path: Path, orch: LocalOrchestrator) -> None:
+    orch.heartbeat_interval_s = 0.2  # the queue depth, as heartbeats report it
     d = await counting_daemon(tmp_path, orch)
     try:
         running = orch.submit({"circuits": [marked("sleep 60")], "timeout_s": 120})
         await wait_for(lambda: running.status == "running", what="the job to run")
         queued = orch.submit({"circuits": [BELL]})
         await wait_for(lambda: queued.dispatches == 1, what="dispatch")
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: any(b["queue_depth"] == 1 for b in heartbeats(orch)),
+                       what="the daemon to queue the second job behind the first")
         await orch.send_event(EventType.JOB_CANCEL, {"job_id": queued.id})
         await orch.send_event(EventType.JOB_CANCEL, {"job_id": running.id})
         for record in (queued, running):
             await orch.result(record.id, timeout=60)
             assert record.status == "cancelled", record.results
             assert record.results is not None and record.results["error_code"] == "JOB_CANCELLED"
-        ok = await finished(orch, {"circuits": [BELL], "shots": 8})
+        ok = await run_job(orch, {"circuits": [BELL], "shots": 8})
         assert ok["success"] is True
     finally:
         assert d.stop() == 0, d.output()
@@ -174,16 +172,14 @@ async def test_disabled_qpu_refuses_jobs_until_enabled(
         await orch.result(record.id, timeout=60)
         assert record.results is not None and record.results["error_code"] == "QPU_DISABLED"
         await orch.send_event(EventType.QPU_STATE, {"state": "online"})
-        ok = await finished(orch, {"circuits": [BELL], "shots": 8})
+        ok = await run_job(orch, {"circuits": [BELL], "shots": 8})
         assert ok["success"] is True
         # A refusal is not a stored result: the same job dispatched again now runs.
         before = record.results_received
         await orch.send_event(EventType.JOB_DISPATCH,
                               {"job_id": record.id, "payload": record.payload})
         await wait_for(lambda: record.results_received > before, what="the re-run")
-        rerun = [e.payload["results"] for e in orch.events
-                 if e.type == EventType.JOB_RESULT and e.payload.get("job_id") == record.id]
-        assert rerun[-1]["success"] is True
+        assert answers(orch, record.id)[-1]["success"] is True
     finally:
         assert d.stop() == 0, d.output()
 
@@ -226,16 +222,21 @@ async def test_oversized_frames_and_circuits_are_refused(
     try:
         huge = {"job_id": "huge-1", "payload": {"circuits": ["x" * 100_000]}}
         await orch.send_raw(encode_env(huge))  # over the frame cap: dropped before decoding
-        big = await finished(orch, {"circuits": [BELL + "// " + "y" * 5000 + "\n"]})
+        big = await run_job(orch, {"circuits": [BELL + "// " + "y" * 5000 + "\n"]})
         assert big["error_code"] == "QUOTA_EXCEEDED" and big["max_circuit_bytes"] == 4096
-        ok = await finished(orch, {"circuits": [BELL], "shots": 8})
+        ok = await run_job(orch, {"circuits": [BELL], "shots": 8})
         assert ok["success"] is True
+        # What the orchestrator sees of the oversized frame: nothing. Its job_id was never
+        # read, so there is no answer, no status and no run, while the jobs sent after it
+        # (answered above) were served.
+        assert not [e for e in orch.events if e.payload.get("job_id") == "huge-1"]
+        assert d.proc.poll() is None, d.output()
     finally:
         assert d.stop() == 0, d.output()
     assert "huge-1" not in executions(tmp_path)
 
 
-def encode_env(payload: dict[str, object]) -> bytes:
+def encode_env(payload: dict[str, Any]) -> bytes:
     from driver.wire import Envelope
 
     return encode(Envelope(EventType.JOB_DISPATCH, payload), "msgpack")
@@ -246,11 +247,11 @@ async def test_token_never_appears_in_output_or_events(tmp_path: Path) -> None:
     orch = LocalOrchestrator(port=0, token=token)
     await orch.start()
     try:
-        d = start_daemon(tmp_path, daemon_env(tmp_path, orch, QPI_LOG_LEVEL="debug"))
-        await wait_for(lambda: orch.online, what="connect")
+        d = await start_connected(tmp_path, orch,
+                                  daemon_env(tmp_path, orch, QPI_LOG_LEVEL="debug"))
         for job in ({"circuits": [BELL]}, {"circuits": ["OPENQASM 2.0; bad"]},
                     {"circuits": [BELL], "shots": -1}, {"nothing": token}):
-            await finished(orch, job)  # type: ignore[arg-type]
+            await run_job(orch, job)
         await orch.send_event("Bogus", {"token": token})
         assert d.stop() == 0
         sent = b"".join(encode(env, "json") for env in orch.events)
@@ -265,14 +266,14 @@ async def test_token_never_appears_in_output_or_events(tmp_path: Path) -> None:
 async def test_sighup_rereads_the_config_file(tmp_path: Path, orch: LocalOrchestrator) -> None:
     config = tmp_path / "driver.toml"
     config.write_text('log_level = "info"\n')
-    d = start_daemon(tmp_path, daemon_env(tmp_path, orch), "--config", str(config))
+    d = await start_connected(tmp_path, orch, daemon_env(tmp_path, orch), "--config",
+                              str(config))
     try:
-        await wait_for(lambda: orch.online, what="connect")
         config.write_text('log_level = "debug"\n')
         d.proc.send_signal(signal.SIGHUP)
         await wait_for(lambda: '"log_level": "debug", "event": "reloaded"' in d.output(),
                        what="the reload")
-        ok = await finished(orch, {"circuits": [BELL], "shots": 8})
+        ok = await run_job(orch, {"circuits": [BELL], "shots": 8})
         assert ok["success"] is True  # still serving
     finally:
         assert d.stop() == 0, d.output()
