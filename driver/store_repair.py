@@ -92,6 +92,7 @@ class RecoverReport:
     saved_running: int = 0
     replaced: int = 0  # rows kept, but whose result could not be decoded: now an error
     lost_known: list[str] = field(default_factory=list)
+    unreadable: int = 0  # rowids whose lookup hit a damaged page: lost rows (or pruned ones)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -118,6 +119,9 @@ class RecoverReport:
             more = f" and {len(self.lost_known) - 10} more" if len(self.lost_known) > 10 else ""
             lines.append(f"  lost {len(self.lost_known)} rows an index still names: {shown}"
                          f"{more}")
+        if self.unreadable:
+            lines.append(f"  {self.unreadable} rowids could not be read: up to that many rows "
+                         "lost (some may have been pruned before)")
         lines.append("  lost: rows on damaged pages. A result lost before it was delivered is "
                      "never sent; the orchestrator's own timeout or a re-dispatch covers it "
                      "(a re-dispatched job whose row was lost runs again)")
@@ -298,10 +302,12 @@ def _with_cli(copy: Path, sqlite3_bin: str) -> tuple[dict[str, Row], str | None]
     return rows, None
 
 
-def _row_by_row(copy: Path) -> dict[str, Row]:
+def _row_by_row(copy: Path) -> tuple[dict[str, Row], int]:
     """Fallback: scan the table forwards and backwards until a damaged page stops each
-    scan, then look up every rowid in between one by one; rows on damaged pages are lost."""
+    scan, then look up every rowid in between one by one; rows on damaged pages are lost.
+    Also returns how many lookups hit damage."""
     rows: dict[str, Row] = {}
+    failed = 0
     seen: set[int] = set()
     db = _open_ro(copy)
     try:
@@ -319,14 +325,17 @@ def _row_by_row(copy: Path) -> dict[str, Row]:
         for rowid in range(1, min(top, _MAX_PROBES) + 1):
             if rowid in seen:
                 continue
-            with contextlib.suppress(sqlite3.DatabaseError):
+            try:
                 raw = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE rowid=?",
                                  (rowid,)).fetchone()
-                if raw is not None:
-                    _keep(rows, tuple(raw))
+            except sqlite3.DatabaseError:
+                failed += 1
+                continue
+            if raw is not None:
+                _keep(rows, tuple(raw))
     finally:
         db.close()
-    return rows
+    return rows, failed
 
 
 def _indexes(db: sqlite3.Connection) -> list[str]:
@@ -413,7 +422,8 @@ def recover(path: Path, sqlite3_bin: str | None = None) -> RecoverReport:
                 else:
                     methods.append("sqlite3 .recover")
             # Row by row also fills in what .recover missed (or does all the work).
-            for row in _row_by_row(copy).values():
+            by_row, report.unreadable = _row_by_row(copy)
+            for row in by_row.values():
                 _keep(rows, row)
             methods.append("row by row")
             report.method = " + ".join(methods)

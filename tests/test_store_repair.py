@@ -167,6 +167,7 @@ def test_recover_malformed_saves_the_readable_rows(tmp_path: Path) -> None:
     assert report.replaced == (1 if "job-bad" in saved else 0)
     # The primary-key index was not damaged: it names every row the table lost.
     assert set(report.lost_known) == set(original) - set(saved)
+    assert report.unreadable == ROWS - len(saved)  # no gaps here: every lost row is counted
     assert report.saved_running == sum(1 for r in saved.values() if r[1] == "running")
     assert report.saved_owed == sum(1 for r in saved.values() if r[1] == "done" and r[5] == 0)
     assert store_repair.check(path).state == "ok"
