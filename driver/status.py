@@ -62,7 +62,9 @@ class NodeStatus:
             return "draining"
         if self._degraded():
             return "degraded"
-        return "busy" if self._runner.running else "idle"
+        # Busy while any job is in hand: between two batches of a steady load the node
+        # is not idle, and flipping would send a heartbeat at every batch boundary.
+        return "busy" if self._runner.running or self._runner.waiting else "idle"
 
     def unready_reasons(self) -> list[str]:
         reasons = []
