@@ -8,6 +8,7 @@ import fcntl
 import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import tempfile
 import time
@@ -385,6 +386,15 @@ def _keep(rows: dict[str, Row], raw: tuple[object, ...]) -> None:
         rows[job_id] = row
 
 
+def _same_owner(fresh: Path, damaged: Path) -> None:
+    """The fresh store gets the damaged one's owner and mode: recovery runs as root, but
+    the daemon (systemd's DynamicUser=, say) must be able to write what it finds."""
+    st = damaged.stat()
+    if os.geteuid() == 0:
+        os.chown(fresh, st.st_uid, st.st_gid)
+    os.chmod(fresh, stat.S_IMODE(st.st_mode))
+
+
 def _readable(result: bytes | None) -> bool:
     if result is None:
         return False
@@ -456,6 +466,7 @@ def _replace(path: Path, rows: dict[str, Row], report: RecoverReport,
             db.execute("COMMIT")
         finally:
             db.close()
+        _same_owner(fresh, path)
         with fresh.open("rb") as fh:
             os.fsync(fh.fileno())
     except (OSError, sqlite3.Error) as exc:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -192,6 +194,18 @@ def test_recover_with_sqlite3_shell_when_it_can(tmp_path: Path) -> None:
         assert any("sqlite_dbpage" in note for note in report.notes), report.notes
         pytest.skip(f"{shell} cannot run .recover here: {probe.stderr.strip()[:120]}")
     assert report.method == "sqlite3 .recover + row by row"
+
+
+def test_recover_keeps_the_owner_and_mode_for_the_daemon(tmp_path: Path) -> None:
+    path = malformed(tmp_path)
+    path.chmod(0o600)
+    owner = (os.getuid(), os.getgid())
+    if os.geteuid() == 0:  # as root (the usual way): a DynamicUser's uid must stay
+        owner = (54321, 54321)
+        os.chown(path, *owner)
+    store_repair.recover(path, sqlite3_bin="")
+    st = path.stat()
+    assert (st.st_uid, st.st_gid) == owner and stat.S_IMODE(st.st_mode) == 0o600
 
 
 def test_recover_leaves_a_healthy_or_missing_store_alone(tmp_path: Path) -> None:
