@@ -358,6 +358,9 @@ def _status(args: argparse.Namespace) -> int:
     except (urllib.error.URLError, OSError) as exc:
         print(f"qpi-driver status: cannot reach {args.url} ({exc})", file=sys.stderr)
         return 69
+    if not qpus:
+        print(f"qpi-driver status: no QPU has registered with {args.url} yet (a driver that "
+              "is starting registers once its executor is ready)", file=sys.stderr)
     for qpu in qpus:
         print(f"{qpu.get('name')}: {qpu.get('status')} executor={qpu.get('executor_type')} "
               f"qubits={qpu.get('num_qubits')}")
