@@ -392,3 +392,43 @@ def test_sweep_reuses_plan_and_recomputes_only_changed_blocks() -> None:
     assert plan_b.fused_products_computed - computed == len(
         [i for i in changed if plan_a.blocks[i].fused]
     )
+
+
+def test_zero_qubit_gates_fold_into_the_global_phase() -> None:
+    from qiskit.circuit.library import GlobalPhaseGate
+
+    qc = QuantumCircuit(3)
+    qc.h(1)
+    qc.append(GlobalPhaseGate(0.7), [])
+    qc.append(GlobalPhaseGate(0.3).control(2, ctrl_state=1), [0, 2])
+    qc.global_phase = 0.2
+    program = lower(qc)
+    assert all(g.targets for g in program.gates())  # no 0-target pass for any backend
+    assert program.global_phase == pytest.approx(0.9)
+    (phase,) = [g for g in program.gates() if g.name.startswith("cc")]
+    # A controlled global phase is a diagonal on its controls: e^{0.3i} where q0=1, q2=0.
+    assert phase.targets == (0, 2) and phase.diagonal and not phase.controls
+    assert np.allclose(phase.matrix, [1, np.exp(0.3j), 1, 1])
+    assert np.allclose(program_operator(qc), Operator(qc).data)
+
+
+def test_footprint_counts_matrices_controls_and_the_sampler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from executors.gpu import runner
+
+    qc = QuantumCircuit(4, 4)
+    qc.h(0)
+    qc.mcx([0, 1, 2], 3)
+    qc.rz(0.1, 2)
+    qc.measure(range(4), range(4))
+    plan = compile_plan(lower(qc), 1)
+    fp = plan.footprint(100)
+    assert fp.num_qubits == 4
+    assert fp.matrix_elements == 4 + 4 + 2  # dense h, dense x (controls kept), diagonal rz
+    shapes = {(p.targets, p.n_controls, p.diagonal) for p in fp.passes}
+    assert shapes == {((0,), 0, False), ((3,), 3, False), ((2,), 0, True)}
+    assert all(plan.blocks[p.block].targets == p.targets for p in fp.passes)
+    assert fp.sampler_shots == 0  # 4 measured qubits: one marginal, no sampler
+    monkeypatch.setattr(runner, "MAX_MARGINAL_QUBITS", 3)
+    assert plan.footprint(100).sampler_shots == 100

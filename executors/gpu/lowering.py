@@ -26,6 +26,7 @@ from qiskit.circuit.controlflow import (
     WhileLoopOp,
 )
 from qiskit.circuit.controlflow.switch_case import CASE_DEFAULT
+from qiskit.circuit.exceptions import CircuitError
 from qiskit.circuit.library import get_standard_gate_name_mapping
 
 from executors.base import ErrorCode, JobError
@@ -491,11 +492,17 @@ class _Lowerer:
         # small ones too, which also checks the base against the gate itself.
         from_full = len(op.params) != len(base.params) or op.num_qubits <= 4
 
+        base_usable = len(op.params) == len(base.params) and base.num_qubits == len(targets)
+
         def build() -> Matrix:
             if from_full:
-                full = np.asarray(op.to_matrix(), dtype=np.complex128)
-                return _controlled_block(full, n_ctrl, ctrl_state)
-            if base.num_qubits != len(targets):
+                try:
+                    full = np.asarray(op.to_matrix(), dtype=np.complex128)
+                    return _controlled_block(full, n_ctrl, ctrl_state)
+                except CircuitError:  # no full matrix (MCXGate, a controlled global phase)
+                    if not base_usable:
+                        raise
+            elif not base_usable:
                 raise ValueError("base gate width does not match the target count")
             return np.asarray(base.to_matrix(), dtype=np.complex128)
 
