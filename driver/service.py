@@ -253,8 +253,15 @@ class Driver:
         matches the pin, so a wrong URL or fingerprint is reported without waiting."""
         s = self.settings
         check = asyncio.create_task(Registrar(s, {}).preflight())
+        start = asyncio.create_task(self.executor.start())
+        await asyncio.wait([check, start], return_when=asyncio.FIRST_COMPLETED)
+        if check.done() and isinstance(check.exception(), FingerprintMismatch):
+            log.critical("root CA fingerprint mismatch", reason=str(check.exception()))
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            return EX_NOPERM
         try:
-            await self.executor.start()
+            await start
         except StartFailedError as exc:
             check.cancel()
             log.error("executor unavailable", executor=s.executor, reason=exc.reason)

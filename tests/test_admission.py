@@ -78,3 +78,17 @@ async def test_a_parser_killed_mid_parse_costs_that_job_only(
         await wait_for(lambda: "circuit parser restarted" in d.output(), what="the restart")
     finally:
         assert d.stop() == 0, d.output()
+
+
+async def test_a_wrong_ca_fingerprint_is_reported_while_the_executor_warms(
+    tmp_path: Path, orch: LocalOrchestrator
+) -> None:
+    from driver.tls import generate_identity
+
+    other = generate_identity("127.0.0.1").ca_fingerprint
+    d = start_daemon(tmp_path, daemon_env(tmp_path, orch, QPI_CA_FINGERPRINT=other))
+    code = await asyncio.to_thread(d.proc.wait, 60)
+    assert code == 77, d.output()
+    assert "root CA fingerprint mismatch" in d.output()
+    assert "executor ready" not in d.output()  # it did not wait for the executor
+    assert orch.connects == 0
