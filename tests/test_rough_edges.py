@@ -29,17 +29,9 @@ from driver import orchestrator as orchestrator_module
 from driver.orchestrator import LocalOrchestrator
 from driver.settings import CREDENTIAL_NAME, EX_CONFIG, load_settings
 from tests.conftest import ROOT, aer_max_qubits, daemon_env, start_daemon, wait_for
+from tests.test_deploy_files import clean_env
 
 FINGERPRINT = "ab" * 32
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """A fresh shell's environment: none of the runner's QPI_ or systemd variables."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("QPI_") and k not in {"CREDENTIALS_DIRECTORY", "STATE_DIRECTORY"}}
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra)
-    return env
 
 
 def free_port() -> int:
