@@ -265,15 +265,16 @@ def corpus() -> list[CorpusCircuit]:
     add("QFT-12 after an ry layer", ry_then_qft(12, 3), "native")
     add("Bell with an rz", bell_with_phase(1.234), "native")
     for level in range(4):
-        # From O2 the layout stage places the QFT on physical qubits ($n).
+        # From O2 the layout stage places the QFT on hardware qubits ($n).
         add(f"QFT-6 transpiled O{level}", _transpile(qft(6), optimization_level=level),
-            "native" if level < 2 else "full")
+            "native")
         add(f"GHZ-5 transpiled O{level}", _transpile(ghz(5), optimization_level=level),
             "native")
     add("random-8 transpiled O3", _transpile(random_layers(8, 4, 3, "u3"),
                                              optimization_level=3), "native")
     add("GHZ-5 transpiled to a line ($n)",
-        _transpile(ghz(5), optimization_level=1, coupling_map=CouplingMap.from_line(6)), "full")
+        _transpile(ghz(5), optimization_level=1, coupling_map=CouplingMap.from_line(6)),
+        "native")
     lib = QuantumCircuit(5)
     lib.append(QFTGate(5), range(5))
     lib.measure_all()

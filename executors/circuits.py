@@ -123,7 +123,9 @@ _NAME = rf"{_RESERVED}[A-Za-z_][A-Za-z0-9_]*"
 # Sizes and indices of at most four digits: the native importer allocates a declared
 # register before anything checks its size (qubit[99999999999999] runs out of memory).
 _INDEX = r"\s*\[\s*\d{1,4}\s*\]"
-_OPERAND = rf"{_NAME}(?:{_INDEX})?"
+# Hardware qubits (`$3`, as dumps writes a transpiled circuit's) are declared for the
+# native importer, which cannot address them, see _physical_qubits.
+_OPERAND = rf"(?:{_NAME}(?:{_INDEX})?|\$\d{{1,4}})"
 _OPERANDS = rf"{_OPERAND}(?:\s*,\s*{_OPERAND})*"
 # Float literals as repr() and dumps (f"{x:#}") write them; "3.e+17" gets its missing 0
 # (the native importer panics on a point with no digit after it). Ints stay with the full
@@ -155,29 +157,55 @@ _PI_ARGUMENT = re.compile(
 
 _BARE_POINT = re.compile(r"(?<=\d)\.(?=e)")
 _BUILTIN_U = re.compile(r"(?<![\w$])U(?=\s*\()")
-# A name no program in the subset can use (its names start with a lowercase letter).
+_HARDWARE_QUBIT = re.compile(r"\$(\d+)")
+# Within the subset `//` and `/*` start nothing but comments (no strings but the include's).
+_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+_QUBIT_DECLARATION = re.compile(r"(?<!\w)qubit(?!\w)")
+# Names the native importer reads in place of U and of `$n`. Where a program uses them
+# itself, the native importer sees them declared twice and refuses.
 _U_STANDIN = "_qpi_U"
+_HARDWARE_STANDIN = "_qpi_hw"
+
+
+class _NativeProgram(NamedTuple):
+    text: str  # what the native importer reads
+    hardware_qubits: int  # how many `$n` the full importer would create; 0 if none
 
 
 def native_text(source: str) -> str | None:
     """The text to give the native importer, or None where the program is outside what
     it is trusted with."""
+    program = _native_program(source)
+    return None if program is None else program.text
+
+
+def _native_program(source: str) -> _NativeProgram | None:
     if _NATIVE_SUBSET.fullmatch(source) is None:
         return None
     text = _PI_ARGUMENT.sub(_pi_literal, source) if "pi" in source else source
     if ".e" in text:
         text = _BARE_POINT.sub(".0", text)
+    declared = ""  # declarations for the native importer, put on the header's line so
+    # that line numbers stay as they were
     if "U" in text and _BUILTIN_U.search(text):
-        # Declared on the header's line, so line numbers stay as they were.
+        declared += f" gate {_U_STANDIN}(theta, phi, lambda) a {{}}"
+        text = _BUILTIN_U.sub(_U_STANDIN, text)
+    hardware = 0
+    if "$" in text:
+        code = _COMMENT.sub("", text)  # a `$7` in a comment creates no qubit
+        indices = [int(index) for index in _HARDWARE_QUBIT.findall(code)]
+        if indices:
+            if _QUBIT_DECLARATION.search(code):
+                return None  # mixed addressing: the full importer's error to give
+            hardware = max(indices) + 1
+            declared += "".join(f" qubit {_HARDWARE_STANDIN}{i};" for i in range(hardware))
+            text = _HARDWARE_QUBIT.sub(lambda m: f"{_HARDWARE_STANDIN}{int(m[1])}", text)
+    if declared:
         header = _VERSION.match(text)
         if header is None:  # cannot happen: the subset starts with the header
             return None
-        text = (
-            text[: header.end()]
-            + f" gate {_U_STANDIN}(theta, phi, lambda) a {{}}"
-            + _BUILTIN_U.sub(_U_STANDIN, text[header.end() :])
-        )
-    return text
+        text = text[: header.end()] + declared + text[header.end() :]
+    return _NativeProgram(text, hardware)
 
 
 def _pi_literal(match: re.Match[str]) -> str:
@@ -200,8 +228,8 @@ _WARNING = "This is an experimental native version of the OpenQASM 3 importer"
 
 def _load_native(source: str) -> QuantumCircuit | None:
     """The native importer's circuit, or None where the full importer must decide."""
-    text = native_text(source)
-    if text is None:
+    program = _native_program(source)
+    if program is None:
         return None
     from qiskit import qasm3
     from qiskit.exceptions import ExperimentalWarning
@@ -209,7 +237,7 @@ def _load_native(source: str) -> QuantumCircuit | None:
     with _NATIVE_LOCK, _output_held() as quiet, warnings.catch_warnings():
         warnings.filterwarnings("ignore", _WARNING, ExperimentalWarning)
         try:
-            circuit = qasm3.loads_experimental(text, custom_gates=_native_gates())
+            circuit = qasm3.loads_experimental(program.text, custom_gates=_native_gates())
         except Exception:
             return None
         except BaseException as exc:  # a Rust panic is a BaseException (pyo3's PanicException)
@@ -217,7 +245,24 @@ def _load_native(source: str) -> QuantumCircuit | None:
                 raise
             return None
         quiet.release()
-    return circuit if _distinct_bits(circuit) else None
+    if not _distinct_bits(circuit):
+        return None
+    if program.hardware_qubits:
+        _lay_out_on_hardware(circuit)
+    return circuit
+
+
+def _lay_out_on_hardware(circuit: QuantumCircuit) -> None:
+    """The layout the full importer gives a program on hardware qubits: its qubits are
+    $0..$n in order, each laid out on its own index."""
+    from qiskit.transpiler import Layout, TranspileLayout
+
+    # Set as qiskit_qasm3_import sets it: QuantumCircuit has no public setter for it.
+    circuit._layout = TranspileLayout(
+        initial_layout=Layout.from_qubit_list(circuit.qubits),
+        input_qubit_mapping={bit: i for i, bit in enumerate(circuit.qubits)},
+        final_layout=None,
+    )
 
 
 @lru_cache(maxsize=1)

@@ -250,6 +250,9 @@ INVALID = [
     ("use before declaration", HEADER + "h q[0];\nqubit[1] q;\n", "Undefined symbol 'q'.", 3, 41),
     ("U with one angle", HEADER + "qubit[1] q;\nU(0.1) q[0];\n",
      "UGate.__init__() missing 2 required positional arguments: 'phi' and 'lam'", None, None),
+    ("hardware and declared qubits mixed", HEADER + "qubit[1] q;\nx $1;\n",
+     "Physical qubit referenced in virtual addressing mode. Mixing modes not currently "
+     "supported.", 4, 3),
     ("input beside an error", HEADER + "input float theta;\nqubit[1] q;\nrz(theta) r[0];\n",
      "Undefined symbol 'r'.", 5, 80),
 ]
@@ -301,8 +304,9 @@ FALLBACK = {
     "a gate definition": (
         HEADER + "gate flip a, b {\n  x a;\n  cx a, b;\n}\nqubit[2] q;\nbit[2] c;\n"
         "flip q[0], q[1];\nc = measure q;\n", {"11": 256}),
-    "hardware qubits": (
-        HEADER + "bit[2] c;\nx $1;\nc[0] = measure $0;\nc[1] = measure $1;\n", {"10": 256}),
+    "a delay": (
+        HEADER + "qubit[1] q;\nbit[1] c;\nx q[0];\ndelay[100ns] q[0];\nc[0] = measure q[0];\n",
+        {"1": 256}),
     "an int angle": (
         HEADER + "qubit[1] q;\nbit[1] c;\nrx(0) q[0];\nu3(pi, 0, pi) q[0];\n"
         "c[0] = measure q[0];\n", {"1": 256}),
@@ -413,6 +417,17 @@ def test_only_whole_arguments_are_rewritten() -> None:
     fast, path, full = both_ways(text)
     assert path == "native"
     assert_identical(fast, full)
+
+
+def test_hardware_qubits_are_the_full_importers_whatever_the_comments_say() -> None:
+    text = HEADER + "// $9 is not used\nbit[2] c;\n/* nor $12 */\nx $3;\nc[0] = measure $0;\n" \
+        "c[1] = measure $3;\nh $1; // $20\n"
+    fast, path, full = both_ways(text)
+    assert path == "native"
+    assert fast.num_qubits == 4
+    assert_identical(fast, full)
+    result = AerExecutor({"seed": 1}).run(Job("j", (Experiment(fast, 64, source=text),)))
+    assert result.experiments[0].counts == {"10": 64}
 
 
 @pytest.mark.parametrize("program", [
