@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import pynng
@@ -50,6 +51,16 @@ EX_NOPERM = 77  # sysexits.h: the orchestrator failed the CA pin
 log = logs.get("qpi.driver")
 
 
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What the Driver builds once the store is open."""
+
+    outbox: Outbox
+    runner: JobRunner
+    status: NodeStatus
+    intake: Intake
+
+
 class Driver:
     """Owns the parts and the exit flag; `run()` is startup, serve, shutdown."""
 
@@ -64,6 +75,7 @@ class Driver:
         self.executor = ExecutorProcess(settings.executor, settings.executor_options,
                                         __version__)
         self.store: ResultStore | None = None
+        self.parts: Parts | None = None
         self._health: HealthServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._signals = 0
@@ -95,8 +107,9 @@ class Driver:
         code = await self._start_executor()
         if code:
             return code
-        for name, part in (("job-runner", self.runner.run), ("parser", self.runner.parser.serve),
-                           ("store-retry", self.outbox.retry_store),
+        runner = self._p.runner
+        for name, part in (("job-runner", runner.run), ("parser", runner.parser.serve),
+                           ("store-retry", self._p.outbox.retry_store),
                            ("calibration", self._calibration_schedule),
                            ("prune", self._prune_store)):
             self._supervise(name, part)
@@ -105,7 +118,7 @@ class Driver:
 
     async def serve(self) -> int:
         """Register, dial, serve one connection; again after every disconnect."""
-        registrar = Registrar(self.settings, self.status.capabilities)
+        registrar = Registrar(self.settings, self._p.status.capabilities)
         backoff = Backoff(cap=self.settings.backoff_max_s)
         while not self.should_exit.is_set():
             session: OrchestratorSession | None = None
@@ -130,7 +143,7 @@ class Driver:
                 await self._retry_in(delay)
                 continue
             backoff.reset()
-            self.status.problems.pop("tls", None)
+            self._p.status.problems.pop("tls", None)
             assert session is not None
             await self._serve_session(session)
         return 0
@@ -138,22 +151,19 @@ class Driver:
     async def shutdown(self) -> None:
         if self._health is not None:
             await self._health.stop()
-        runner = getattr(self, "runner", None)
-        if runner is not None:
-            for task in self._tasks[1:]:
-                task.cancel()
-            await asyncio.gather(*self._tasks[1:], return_exceptions=True)
-            await runner.stop()
+        for task in self._tasks[1:]:
+            task.cancel()
+        await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        owed = queued = 0
+        if self.parts is not None:
+            await self.parts.runner.stop()
+            self.parts.outbox.close()
+            owed, queued = self.parts.outbox.owed_on_disk(), self.parts.runner.waiting
         else:
             await self.executor.stop()
-        owed = 0
-        if self.store is not None and runner is not None:
-            self.outbox.close()
-            owed = self.outbox.owed_on_disk()
         if self.store is not None:
             self.store.close()
-        log.info("stopped", results_owed=owed,
-                 queued_not_run=runner.waiting if runner is not None else 0)
+        log.info("stopped", results_owed=owed, queued_not_run=queued)
         # The watchdog goes last: systemd still watches a unit while it stops.
         self._tasks[0].cancel()
         self.notifier.close()
@@ -166,7 +176,7 @@ class Driver:
             log.warning("second signal: exiting at once", signal=signal.Signals(sig).name)
             self.executor.kill()
             os._exit(1)
-        running = self.runner.running if hasattr(self, "runner") else []
+        running = self.parts.runner.running if self.parts is not None else []
         log.info("stop requested: draining", signal=signal.Signals(sig).name, running=running)
         self.stop()
         self.notifier.stopping(f"draining: {len(running)} job(s) running")
@@ -174,17 +184,17 @@ class Driver:
     def stop(self, code: int = 0) -> None:
         self.exit_code = self.exit_code or code
         self.should_exit.set()
-        if hasattr(self, "runner"):
-            self.runner.stop_taking_jobs()
-            self.status.draining = True
-            self.status.beat()  # the orchestrator hears "draining" before the pipes close
+        if self.parts is not None:
+            self._p.runner.stop_taking_jobs()
+            self._p.status.draining = True
+            self._p.status.beat()  # the orchestrator hears "draining" before the pipes close
 
     def handle_reload(self) -> None:
         """SIGHUP: re-read the configuration for what can change live (logging), and
         refresh the executor's calibration. The rest needs a restart."""
         self.notifier.reloading("reloading")
-        if hasattr(self, "runner"):
-            self.runner.request_calibration()
+        if self.parts is not None:
+            self._p.runner.request_calibration()
         try:
             fresh = self._reload_settings() if self._reload_settings else self.settings
             logs.configure(fresh.log_format, fresh.log_level)
@@ -192,7 +202,7 @@ class Driver:
             log.error("reload failed; keeping the running configuration", reason=str(exc))
         else:
             log.info("reloaded", log_level=fresh.log_level)
-        self.notifier.ready(self.status.describe() if hasattr(self, "status") else "ready")
+        self.notifier.ready(self._p.status.describe() if self.parts is not None else "ready")
 
     # -- startup steps ----------------------------------------------------------------------
 
@@ -200,7 +210,7 @@ class Driver:
         addr = self.settings.metrics_addr
         if not addr:
             return 0
-        self._health = HealthServer(self.metrics, lambda: self.status.unready_reasons())
+        self._health = HealthServer(self.metrics, lambda: self._p.status.unready_reasons())
         try:
             await self._health.start(addr)
         except OSError as exc:
@@ -233,20 +243,25 @@ class Driver:
 
     def _assemble(self, store: ResultStore) -> None:
         """Build the parts around the store: outbox, runner, status, intake."""
-        self.outbox = Outbox(store, self.metrics, self.settings.executor, self._changed)
+        outbox = Outbox(store, self.metrics, self.settings.executor, self._changed)
         problems: dict[str, str] = {}
-        self.runner = JobRunner(self.settings, self.executor, store, self.metrics,
-                                self.outbox.finish, announcer(self.outbox), self._changed,
-                                problems)
-        self.status = NodeStatus(self.settings.executor, self.metrics, self.runner,
-                                 self.outbox, store, self.notifier)
-        self.status.problems = problems
-        self.intake = Intake(self.metrics, store, self.settings.max_queued_jobs,
-                             self.runner.__contains__, lambda: self.runner.waiting)
-        self.metrics.queue_depth.set_function(lambda: self.runner.waiting)
+        runner = JobRunner(self.settings, self.executor, store, self.metrics, outbox.finish,
+                           announcer(outbox), self._changed, problems)
+        status = NodeStatus(self.settings.executor, self.metrics, runner, outbox, store,
+                            self.notifier)
+        status.problems = problems
+        intake = Intake(self.metrics, store, self.settings.max_queued_jobs,
+                        runner.__contains__, lambda: runner.waiting)
+        self.metrics.queue_depth.set_function(lambda: runner.waiting)
+        self.parts = Parts(outbox, runner, status, intake)
+
+    @property
+    def _p(self) -> Parts:
+        assert self.parts is not None, "the parts are built at startup"
+        return self.parts
 
     def _changed(self, beat: bool = False) -> None:
-        self.status.changed(beat)
+        self._p.status.changed(beat)
 
     async def _start_executor(self) -> int:
         """Start the executor; meanwhile check that the orchestrator answers and its CA
@@ -276,8 +291,8 @@ class Driver:
         except (OrchestratorDown, ProtocolMismatch) as exc:
             log.warning("orchestrator not reachable yet; will keep trying", reason=str(exc))
         caps = self.executor.capabilities
-        self.status.capabilities = caps.to_wire()
-        self.runner.calibrated_at = time.time()
+        self._p.status.capabilities = caps.to_wire()
+        self._p.runner.calibrated_at = time.time()
         self.metrics.executor_info.info({"executor": s.executor, "device": str(caps.device),
                                          "precision": str(caps.precision),
                                          "max_qubits": str(caps.max_qubits)})
@@ -286,8 +301,8 @@ class Driver:
         limits = Limits(max_qubits=min(s.max_qubits or caps.max_qubits, caps.max_qubits),
                         max_shots=min(s.max_shots, caps.max_shots),
                         max_circuits=s.max_circuits, max_circuit_bytes=s.max_circuit_bytes)
-        self.intake.limits, self.intake.meas_levels = limits, tuple(caps.meas_levels)
-        await self.runner.start(limits)
+        self._p.intake.limits, self._p.intake.meas_levels = limits, tuple(caps.meas_levels)
+        await self._p.runner.start(limits)
         log.info("executor ready", executor=s.executor, pid=self.executor.pid,
                  max_qubits=limits.max_qubits, device=caps.device, precision=caps.precision)
         return 0
@@ -329,37 +344,37 @@ class Driver:
             check, message = verdict
             log.error("orchestrator certificate rejected", check=check, reason=message,
                       retry_in_s=round(delay, 2))
-            self.status.problems["tls"] = f"orchestrator certificate rejected ({check})"
-            self.status.changed()
+            self._p.status.problems["tls"] = f"orchestrator certificate rejected ({check})"
+            self._p.status.changed()
         else:
             log.warning("orchestrator not reachable", reason=str(exc), retry_in_s=round(delay, 2))
         self.notifier.status(f"orchestrator not reachable; retrying in {delay:.1f} s")
 
     async def _serve_session(self, session: OrchestratorSession) -> None:
         reg = session.registration
-        self.status.session = session
-        self.outbox.connected(reg.acks)
+        self._p.status.session = session
+        self._p.outbox.connected(reg.acks)
         log.info("connected", name=reg.name, host=reg.nng_host, wire_format=reg.wire_format,
-                 tls=reg.ca_pem is not None, results_owed=self.outbox.owed)
+                 tls=reg.ca_pem is not None, results_owed=self._p.outbox.owed)
         self._sessions += 1
         if self._sessions > 1:
             self.metrics.reconnects.inc()
         self.metrics.connected.set(1)
         interval = reg.heartbeat_interval_s or self.settings.heartbeat_interval
         tasks = [asyncio.create_task(self._receive(session), name="receive"),
-                 asyncio.create_task(self.outbox.pump(session), name="send"),
-                 asyncio.create_task(self.status.heartbeats(interval), name="heartbeat")]
+                 asyncio.create_task(self._p.outbox.pump(session), name="send"),
+                 asyncio.create_task(self._p.status.heartbeats(interval), name="heartbeat")]
         (self.notifier.ready if self._sessions == 1 else self.notifier.status)(
-            self.status.describe())
+            self._p.status.describe())
         stop = asyncio.create_task(self.should_exit.wait())
         gone = asyncio.create_task(session.detached.wait())
         try:
             await asyncio.wait([stop, gone, *tasks], return_when=asyncio.FIRST_COMPLETED)
             if self.should_exit.is_set():
-                await self.runner.drain(self.settings.drain_timeout_s)
-                await self.outbox.drained(session, 5.0)
+                await self._p.runner.drain(self.settings.drain_timeout_s)
+                await self._p.outbox.drained(session, 5.0)
         finally:
-            self.status.session = None
+            self._p.status.session = None
             self.metrics.connected.set(0)
             for task in (*tasks, stop, gone):
                 task.cancel()
@@ -367,7 +382,7 @@ class Driver:
             await asyncio.gather(*tasks, return_exceptions=True)
         if not self.should_exit.is_set():
             log.warning("disconnected from orchestrator; registering again",
-                        results_owed=self.outbox.owed)
+                        results_owed=self._p.outbox.owed)
             self.notifier.status("disconnected; registering again")
 
     async def _receive(self, session: OrchestratorSession) -> None:
@@ -375,24 +390,24 @@ class Driver:
             if self.should_exit.is_set():
                 return
             try:
-                self._route(self.intake.decide(frame))
+                self._route(self._p.intake.decide(frame))
             except Exception:  # a bug in one handler must not stop the receive loop
                 log.exception("event handler failed", size=len(frame))
 
     def _route(self, decision: Decision) -> None:
         match decision:
             case Admit(job_id, spec):
-                self.runner.admit(job_id, spec)
+                self._p.runner.admit(job_id, spec)
             case Answer(outcome, durable=True):
-                self.outbox.finish([outcome])
+                self._p.outbox.finish([outcome])
             case Answer(outcome, durable=False):
-                self.outbox.answer(outcome)
+                self._p.outbox.answer(outcome)
             case Resend(outcome):
-                self.outbox.resend(outcome)
+                self._p.outbox.resend(outcome)
             case Cancel(job_id):
-                self.runner.cancel(job_id)
+                self._p.runner.cancel(job_id)
             case Acknowledge(job_id):
-                self.outbox.acked(job_id)
+                self._p.outbox.acked(job_id)
 
     # -- schedules ----------------------------------------------------------------------------
 
@@ -401,7 +416,7 @@ class Driver:
             # A faulty device is asked again soon: that is when it gets reconnected.
             period = self.settings.calibration_interval_s
             await asyncio.sleep(min(FAULT_RETRY_S, period) if self.executor.fault else period)
-            self.runner.request_calibration()
+            self._p.runner.request_calibration()
 
     async def _prune_store(self) -> None:
         assert self.store is not None
