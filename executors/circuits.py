@@ -123,8 +123,8 @@ _NAME = rf"{_RESERVED}[A-Za-z_][A-Za-z0-9_]*"
 # Sizes and indices of at most four digits: the native importer allocates a declared
 # register before anything checks its size (qubit[99999999999999] runs out of memory).
 _INDEX = r"\s*\[\s*\d{1,4}\s*\]"
-# Hardware qubits (`$3`, as dumps writes a transpiled circuit's) are declared for the
-# native importer, which cannot address them, see _physical_qubits.
+# Hardware qubits (`$3`, as dumps writes a transpiled circuit's) become declared qubits
+# for the native importer, which cannot address them (see _native_program).
 _OPERAND = rf"(?:{_NAME}(?:{_INDEX})?|\$\d{{1,4}})"
 _OPERANDS = rf"{_OPERAND}(?:\s*,\s*{_OPERAND})*"
 # Float literals as repr() and dumps (f"{x:#}") write them; "3.e+17" gets its missing 0
@@ -224,6 +224,15 @@ def _pi_literal(match: re.Match[str]) -> str:
 
 _NATIVE_LOCK = threading.Lock()
 _WARNING = "This is an experimental native version of the OpenQASM 3 importer"
+
+
+def _after_fork() -> None:
+    # A child forked while another thread held the lock would wait on it forever.
+    global _NATIVE_LOCK
+    _NATIVE_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _load_native(source: str) -> QuantumCircuit | None:
