@@ -308,25 +308,10 @@ class Driver:
         return 0
 
     def _supervise(self, name: str, part: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run a background part; if it dies, say so at once and restart it. One that
-        keeps dying stops the daemon with EX_SOFTWARE: never limp on half-alive."""
-        async def supervised() -> None:
-            failures: list[float] = []
-            while True:
-                try:
-                    await part()
-                    return
-                except Exception:
-                    now = time.monotonic()
-                    failures = [t for t in failures if now - t < 60] + [now]
-                    if len(failures) > TASK_RESTARTS_PER_MINUTE:
-                        log.critical("a part of the daemon keeps failing; stopping", part=name)
-                        self.notifier.status(f"stopping: {name} keeps failing")
-                        self.stop(EX_SOFTWARE)
-                        return
-                    log.exception("a part of the daemon failed; restarting it", part=name)
-                    await asyncio.sleep(1.0)
-        self._tasks.append(asyncio.create_task(supervised(), name=name))
+        def give_up() -> None:
+            self.notifier.status(f"stopping: {name} keeps failing")
+            self.stop(EX_SOFTWARE)
+        self._tasks.append(asyncio.create_task(supervised(name, part, give_up), name=name))
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -425,6 +410,26 @@ class Driver:
             if gone:
                 log.info("pruned delivered results past retention", rows=gone)
             await asyncio.sleep(PRUNE_EVERY_S)
+
+
+async def supervised(name: str, part: Callable[[], Coroutine[Any, Any, None]],
+                     give_up: Callable[[], None], pause_s: float = 1.0) -> None:
+    """Run a background part; if it dies, say so at once and restart it. One that keeps
+    dying (more than TASK_RESTARTS_PER_MINUTE) calls `give_up`: never limp on half-alive."""
+    failures: list[float] = []
+    while True:
+        try:
+            await part()
+            return
+        except Exception:
+            now = time.monotonic()
+            failures = [t for t in failures if now - t < 60] + [now]
+            if len(failures) > TASK_RESTARTS_PER_MINUTE:
+                log.critical("a part of the daemon keeps failing; stopping", part=name)
+                give_up()
+                return
+            log.exception("a part of the daemon failed; restarting it", part=name)
+            await asyncio.sleep(pause_s)
 
 
 def _describe_damage(path: Any, exc: BaseException) -> str | None:

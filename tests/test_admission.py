@@ -92,3 +92,33 @@ async def test_a_wrong_ca_fingerprint_is_reported_while_the_executor_warms(
     assert "root CA fingerprint mismatch" in d.output()
     assert "executor ready" not in d.output()  # it did not wait for the executor
     assert orch.connects == 0
+
+
+async def test_a_failing_background_part_is_logged_restarted_then_stops_the_daemon(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from driver import logs
+    from driver.service import TASK_RESTARTS_PER_MINUTE, supervised
+
+    logs.configure("json", "info")
+    runs: list[int] = []
+    stopped: list[bool] = []
+
+    async def flaky() -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("store gone")  # fails once, then runs to its end
+        await asyncio.sleep(0)
+
+    await supervised("flaky", flaky, lambda: stopped.append(True), pause_s=0)
+    assert len(runs) == 2 and not stopped
+    assert "a part of the daemon failed; restarting it" in capsys.readouterr().err
+
+    async def broken() -> None:
+        raise RuntimeError("always")
+
+    await supervised("broken", broken, lambda: stopped.append(True), pause_s=0)
+    assert stopped == [True]
+    out = capsys.readouterr().err
+    assert out.count("restarting it") == TASK_RESTARTS_PER_MINUTE
+    assert "keeps failing; stopping" in out and "RuntimeError: always" in out
