@@ -1,23 +1,27 @@
-# syntax=docker/dockerfile:1
-# qpi-driver images. Two targets:
-#   docker build --target cpu -t qpi-driver:cpu .   Qiskit Aer on python:3.12-slim (default)
-#   docker build --target gpu -t qpi-driver:gpu .   cuStateVec on the CUDA 13 runtime
+# qpi-driver images. Two targets, both on the same Python base image:
+#   docker build --target cpu -t qpi-driver:cpu .   Qiskit Aer (the default target)
+#   docker build --target gpu -t qpi-driver:gpu .   cuStateVec; the CUDA libraries come as
+#                                                   pip wheels, the driver from the host
+# PYTHON_IMAGE may be any image with python >= 3.12, venv and pip (scripts/docker-smoke.sh
+# builds one with debootstrap where no image can be pulled). No `# syntax=` line: BuildKit's
+# built-in frontend reads this file, so a build needs no pull beyond the base image.
 #
 # Configuration is by environment, set at `docker run`:
-#   QPI_ADDR            orchestrator URL (unset: local mode, embedded orchestrator on :8090)
+#   QPI_ADDR            orchestrator URL (unset: local mode, embedded orchestrator on
+#                       127.0.0.1:8090 inside the container)
 #   QPI_CA_FINGERPRINT  SHA-256 of the orchestrator's root CA
 #   QPI_ACCESS_TOKEN_FILE, or a secret named qpi-access-token: the daemon reads
 #                       $CREDENTIALS_DIRECTORY/qpi-access-token when it exists, and the
 #                       images point that at /run/secrets, where Docker and Compose
 #                       secrets appear
 #   QPI_EXECUTOR, QPI_DRIVER_NAME, QPI_MAX_QUBITS, ... any field of driver/settings.py
-# Metrics (/metrics, /healthz) listen on all interfaces, since the container's loopback is
-# unreachable from a scraper; so does the embedded orchestrator, for local mode behind
-# -p 8090:8090. SIGTERM (docker stop) drains: give a running job time with
-# `docker stop -t SECONDS`.
+# Metrics (/metrics, /healthz, /readyz) listen on all interfaces, since the container's
+# loopback is unreachable from a scraper. The embedded orchestrator of local mode does
+# not: its client API has no authentication, so it stays on the container's loopback
+# (reach it with `docker exec`); set QPI_LOCAL_HOST=0.0.0.0 only on a network you trust.
+# SIGTERM (docker stop) drains: give a running job time with `docker stop -t SECONDS`.
 
 ARG PYTHON_IMAGE=python:3.12-slim
-ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
 
 # --- builder: the project's own wheel, built once for both targets ------------------
 FROM ${PYTHON_IMAGE} AS builder
@@ -35,35 +39,29 @@ COPY --from=builder /wheels /wheels
 RUN python -m venv /opt/qpi-driver/venv \
     && /opt/qpi-driver/venv/bin/pip install --no-cache-dir /wheels/*.whl
 
-# --- gpu: the distro's python 3.12 on the CUDA runtime, venv with the gpu extra ------
-FROM ${CUDA_IMAGE} AS gpu-venv
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
-    && rm -rf /var/lib/apt/lists/*
+# --- gpu: the same base, a venv with the gpu extra --------------------------------------
+FROM ${PYTHON_IMAGE} AS gpu-venv
 COPY --from=builder /wheels /wheels
-# cupy and cuQuantum come as wheels that use the CUDA libraries of the base image.
-RUN python3.12 -m venv /opt/qpi-driver/venv \
+# cupy, cuQuantum and the CUDA runtime libraries (cuBLAS, NVRTC, cudart) all come as
+# wheels, so no CUDA base image is needed; libcuda comes from the host at run time.
+RUN python -m venv /opt/qpi-driver/venv \
     && set -- /wheels/qpi_driver-*.whl \
     && /opt/qpi-driver/venv/bin/pip install --no-cache-dir "$1[gpu]"
 
-FROM ${CUDA_IMAGE} AS gpu
-# Only the interpreter at run time; the venv links to /usr/bin/python3.12.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --home-dir /var/lib/qpi-driver \
-       --create-home --shell /usr/sbin/nologin qpi-driver
+FROM ${PYTHON_IMAGE} AS gpu
+RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/qpi-driver \
+    --create-home --shell /usr/sbin/nologin qpi-driver
 COPY --from=gpu-venv /opt/qpi-driver/venv /opt/qpi-driver/venv
-# NVIDIA_VISIBLE_DEVICES and NVIDIA_DRIVER_CAPABILITIES=compute,utility come from the
-# CUDA base image; the JIT caches go to the volume so compiled kernels survive restarts.
+# The NVIDIA container runtime reads NVIDIA_*: which GPUs to pass through, and that the
+# container needs libcuda and NVML (compute) plus nvidia-smi (utility), nothing more. The
+# JIT caches go to the volume so compiled kernels survive restarts.
 ENV PATH=/opt/qpi-driver/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     QPI_EXECUTOR=gpu \
     QPI_DATA_DIR=/var/lib/qpi-driver \
     QPI_METRICS_ADDR=0.0.0.0:9464 \
-    QPI_LOCAL_HOST=0.0.0.0 \
     QPI_LOG_FORMAT=json \
     CREDENTIALS_DIRECTORY=/run/secrets \
     CUDA_CACHE_PATH=/var/lib/qpi-driver/.cache/cuda \
@@ -90,7 +88,6 @@ ENV PATH=/opt/qpi-driver/venv/bin:$PATH \
     QPI_EXECUTOR=aer \
     QPI_DATA_DIR=/var/lib/qpi-driver \
     QPI_METRICS_ADDR=0.0.0.0:9464 \
-    QPI_LOCAL_HOST=0.0.0.0 \
     QPI_LOG_FORMAT=json \
     CREDENTIALS_DIRECTORY=/run/secrets
 VOLUME ["/var/lib/qpi-driver"]
