@@ -36,13 +36,14 @@ from driver.session import OrchestratorSession
 from driver.settings import EX_CONFIG, ConfigError, Settings
 from driver.status import NodeStatus, announcer
 from driver.store import ResultStore
+from driver.store_repair import EX_DATAERR, describe_open_failure
 from driver.tls import FingerprintMismatch
+from driver.tls_diagnosis import diagnose
 
 FAULT_RETRY_S = 5.0
 PRUNE_EVERY_S = 600.0
 TASK_RESTARTS_PER_MINUTE = 5
 
-EX_DATAERR = 65  # sysexits.h: the result store is damaged (see `qpi-driver store recover`)
 EX_UNAVAILABLE = 69  # sysexits.h: the chosen executor cannot run here
 EX_SOFTWARE = 70  # sysexits.h: a part of the daemon kept failing
 EX_CANTCREAT = 73  # sysexits.h: the data directory cannot be written
@@ -229,7 +230,7 @@ class Driver:
             if self.store is not None:
                 self.store.close()
                 self.store = None
-            damage = _describe_damage(path, exc)
+            damage = describe_open_failure(path, exc)
             if damage is not None:
                 log.error(damage, path=str(path), reason=str(exc))
                 return EX_DATAERR
@@ -432,23 +433,10 @@ async def supervised(name: str, part: Callable[[], Coroutine[Any, Any, None]],
             await asyncio.sleep(pause_s)
 
 
-def _describe_damage(path: Any, exc: BaseException) -> str | None:
-    """The operator's sentence for a damaged store file, or None if it is not damage."""
-    try:
-        from driver.store_repair import describe_open_failure
-    except ImportError:
-        return None
-    return describe_open_failure(path, exc)
-
-
 async def _diagnose_tls(session: OrchestratorSession) -> tuple[str, str] | None:
     """Why the NNG endpoint's certificate was refused (issuer or host name), if known."""
     reg = session.registration
     if reg.ca_pem is None:
-        return None
-    try:
-        from driver.tls_diagnosis import diagnose
-    except ImportError:
         return None
     verdict = await asyncio.to_thread(diagnose, reg.nng_host, reg.nng_in_port, reg.ca_pem)
     if verdict is None:
