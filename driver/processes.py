@@ -325,6 +325,9 @@ class CircuitParser(ChildProcess):
                 await self._recover(exc)
                 continue
             entry = self._in_flight.pop(reply.job_id, None)
+            if self._in_flight:  # the next job's parse starts now: its timeout too
+                head, (job, _) = next(iter(self._in_flight.items()))
+                self._in_flight[head] = (job, time.monotonic())
             if entry is not None:
                 self._on_parsed(reply)
 
