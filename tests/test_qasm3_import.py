@@ -24,9 +24,11 @@ from qiskit.exceptions import ExperimentalWarning
 from qiskit.quantum_info import Operator
 
 from bench.parse import CorpusCircuit, corpus
+from driver.orchestrator import LocalOrchestrator
 from executors.aer import AerExecutor
 from executors.base import Experiment, Job
 from executors.circuits import CircuitError, native_text, parse_qasm, parse_qasm_traced
+from tests.conftest import Daemon, run_job
 
 HEADER = 'OPENQASM 3.0;\ninclude "stdgates.inc";\n'
 CORPUS = corpus()
@@ -393,6 +395,22 @@ def test_what_other_code_writes_during_a_native_import_still_comes_out(
     assert parse_qasm_traced(HEADER + "qubit[1] q;\nh q[0];\n").path == "native"
     out, err = capfd.readouterr()
     assert (out, err) == ("another thread's line\n", "another thread's warning\n")
+
+
+async def test_through_the_daemon_errors_keep_their_place_and_its_log_stays_clean(
+    orchestrator: LocalOrchestrator, daemon: Daemon
+) -> None:
+    # Inside the native subset, refused by the native importer with a printed report.
+    bad = "OPENQASM 3.0;\nqubit[1] q;\nbit[1] c;\nh q[0];\nc[0] = measure q[0];\n"
+    res = await run_job(orchestrator, {"circuits": [bad]})
+    assert res["error_code"] == "CIRCUIT_INVALID"
+    assert (res["line"], res["column"]) == (4, 1) and "gate 'h' is not defined" in res["error"]
+    qft = next(case.text for case in CORPUS if case.name == "QFT-12")
+    ok = await run_job(orchestrator, {"circuits": [qft], "shots": 64})
+    assert ok["success"] is True
+    log = daemon.output()
+    for printed in ("UndefGateError", "Near this point", "ExperimentalWarning", "panicked"):
+        assert printed not in log
 
 
 def test_the_experimental_warning_is_not_passed_on() -> None:
