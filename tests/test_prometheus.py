@@ -327,6 +327,11 @@ def test_prometheus_scrapes_the_daemon_with_the_rules_loaded(
             continue
         concrete = expr.replace("$instance", ".*").replace("$__rate_interval", "1m")
         prometheus.api("query", query=concrete)  # a parse error answers 400
+    # The status panel reads this node as idle (1) or busy (2), and the node as ready.
+    status = dashboard_expressions()["Node status / A"]
+    assert prometheus.value(status.replace("$instance", ".*")) in (1.0, 2.0)
+    assert prometheus.value(f'qpi_node_ready{{job="{JOB}"}}') == 1.0
+    assert prometheus.value(f'qpi_result_store_writable{{job="{JOB}"}}') == 1.0
 
     # The rules loaded as one group, every one evaluated without an error.
     expected = set(rule_expressions())
@@ -342,6 +347,7 @@ def test_prometheus_scrapes_the_daemon_with_the_rules_loaded(
     assert not errors, f"rules that failed to evaluate: {errors}"
     # The node is up, connected and heartbeating, so these alerts are not even pending.
     alerts = {a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"]}
-    quiet = {"QpiDriverDown", "QpiDriverDisconnected", "QpiNoHeartbeat", "QpiQueueGrowing",
-             "QpiWorkerRestartingRepeatedly", "QpiResultsPendingDelivery"}
+    quiet = {"QpiDriverDown", "QpiDriverDisconnected", "QpiDriverNotReady", "QpiNoHeartbeat",
+             "QpiQueueGrowing", "QpiWorkerRestartingRepeatedly", "QpiResultsPendingDelivery",
+             "QpiResultStoreNotWritable"}
     assert not alerts & quiet, f"alerts pending or firing on a healthy node: {alerts & quiet}"

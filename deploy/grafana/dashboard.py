@@ -19,15 +19,16 @@ DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 SEL = 'instance=~"$instance"'
 RATE = "$__rate_interval"
 
-# qpi_node_status is one series per status, 1 for the current one; the status panel sums
+# qpi_node_status is one series per status, 1 for the current one; the status panel turns
 # them into one number per node (idle 1, busy 2, draining 3, degraded 4) that value
-# mappings name again. A node Prometheus cannot scrape shows as "down".
+# mappings name again: the largest of status * code. `or`, not `+`, so a status with no
+# series yet does not blank the panel. A node Prometheus cannot scrape shows as "down".
 NODE_STATUS = {"idle": ("1", "green"), "busy": ("2", "blue"), "draining": ("3", "orange"),
                "degraded": ("4", "red")}
-NODE_STATUS_EXPR = " + ".join(
-    f'max by (instance) (qpi_node_status{{{SEL}, status="{name}"}}) * {code}'
+NODE_STATUS_EXPR = "max by (instance) (" + " or ".join(
+    f'qpi_node_status{{{SEL}, status="{name}"}} * {code}'
     for name, (code, _) in NODE_STATUS.items()
-) + f' or max by (instance) (up{{job="qpi-driver", {SEL}}} == 0)'
+) + f') or max by (instance) (up{{job="qpi-driver", {SEL}}} == 0)'
 
 
 def query(expr: str, legend: str, ref: str = "A") -> prometheus.Dataquery:
