@@ -1,5 +1,7 @@
 """OpenQASM 2/3 text to Qiskit circuits, with errors that carry line and column,
-and parameter binding in the order Qiskit sorts parameters."""
+and parameter binding in the order Qiskit sorts parameters. OpenQASM 3 goes through
+Qiskit's native importer where it builds the full importer's circuit, and through the
+full importer otherwise."""
 
 from __future__ import annotations
 
@@ -78,7 +80,10 @@ def parse_qasm_traced(source: str) -> ParsedCircuit:
 def _parse_cached(source: str) -> ParsedCircuit:
     version = qasm_version(source)
     if version == 3:
-        native = _load_native(source)
+        try:
+            native = _load_native(source)
+        except OSError:  # no scratch file for its output (disk full, out of descriptors)
+            native = None
         if native is not None:
             return ParsedCircuit(native, "native")
     try:
@@ -227,9 +232,14 @@ _WARNING = "This is an experimental native version of the OpenQASM 3 importer"
 
 
 def _after_fork() -> None:
-    # A child forked while another thread held the lock would wait on it forever.
+    # A child forked while another thread held the lock would wait on it forever; the
+    # parent's scratch files are the parent's.
     global _NATIVE_LOCK
     _NATIVE_LOCK = threading.Lock()
+    for scratch in _scratch.values():
+        with suppress(OSError):
+            os.close(scratch)
+    _scratch.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork)
