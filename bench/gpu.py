@@ -261,6 +261,7 @@ class Bench:
         self.bandwidth = self.device.copy_bandwidth(256 << 20 if self.cpu else 2 << 30)
         self.rows: list[Row] = []
         self.skipped: list[str] = []
+        self.start = time.monotonic()
 
     def row(self, kind: str, name: str, n: int, precision: str, k: int, **fig: Any) -> Row:
         bound = float(fig["bound_s"])
@@ -334,28 +335,33 @@ class Bench:
             f"{'circ':<6}{'n':>4} {'prec':<7}{'kind':<10}{'k':>3}{'gates':>7}{'passes':>7}"
             f"{'ms':>11}{'bound_ms':>11}{'x_bound':>9}"
         )
-        start = time.monotonic()
+        self.start = time.monotonic()
         for n in sizes:
             for name in args.circuits.split(","):
                 for precision in args.precision.split(","):
-                    if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+                    if args.budget_s is not None and time.monotonic() - self.start > args.budget_s:
                         self.skipped.append(f"{name} {n} {precision}")
                         continue
                     self.one(name, n, precision)
+                    self.write_json()  # after each size, so a run cut short keeps its rows
         if self.skipped:
             print(f"# budget of {args.budget_s} s spent; not run: {', '.join(self.skipped)}")
-        if args.json:
-            report = {
-                "device": self.device_name,
-                "backend": self.backend,
-                "copy_bandwidth_bytes_per_s": self.bandwidth,
-                "repeats": self.repeats,
-                "rows": [asdict(r) for r in self.rows],
-                "skipped": self.skipped,
-                "seconds": time.monotonic() - start,
-            }
-            Path(args.json).write_text(json.dumps(report, indent=1))
+        self.write_json()
         return 0
+
+    def write_json(self) -> None:
+        if not self.args.json:
+            return
+        report = {
+            "device": self.device_name,
+            "backend": self.backend,
+            "copy_bandwidth_bytes_per_s": self.bandwidth,
+            "repeats": self.repeats,
+            "rows": [asdict(r) for r in self.rows],
+            "skipped": self.skipped,
+            "seconds": time.monotonic() - self.start,
+        }
+        Path(self.args.json).write_text(json.dumps(report, indent=1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
