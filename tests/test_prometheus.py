@@ -230,6 +230,17 @@ def test_rules_check_and_unit_tests_pass() -> None:
     assert tested == set(rule_expressions()), set(rule_expressions()) ^ tested
 
 
+def test_example_scrape_config_is_valid_and_uses_the_rules_job() -> None:
+    promtool = tool("promtool")
+    example = RULES.with_name("prometheus.example.yml")
+    done = subprocess.run([promtool, "check", "config", example.name], cwd=example.parent,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = yaml.safe_load(example.read_text())
+    assert [job["job_name"] for job in config["scrape_configs"]] == [JOB]
+    assert config["rule_files"] == [RULES.name]
+
+
 def test_exposition_passes_promtool_check_metrics(local_daemon: LocalDaemon) -> None:
     promtool = tool("promtool")
     local_daemon.submit_bell()  # labelled families get their first samples
