@@ -120,7 +120,7 @@ _NATIVE_GATES = (
 # register's must be one the full importer keeps as written (it escapes others: `Q`
 # becomes `esc_Q`); a lone qubit or bit (`qubit _qubit0;`) has no name in the circuit.
 _RESERVED = (
-    r"(?!(?:pi|tau|euler|measure|barrier|reset|qubit|bit|gate|if|for|while|let|const|"
+    r"(?!(?:U|pi|tau|euler|measure|barrier|reset|qubit|bit|gate|if|for|while|let|const|"
     r"input|output|delay|box|include|defcal|extern|def|return|true|false)(?!\w))"
 )
 _REGISTER = rf"{_RESERVED}[a-z][A-Za-z0-9_]*"
