@@ -328,7 +328,9 @@ _scratch: dict[tuple[int, int], int] = {}  # (pid, fd) -> scratch file; a fork o
 def _output_held() -> Iterator[_HeldOutput]:
     """Point fds 1 and 2 at scratch files: the native importer prints its parse errors
     to the process's stdout and Rust panics to its stderr, which would reach the daemon's
-    logs. Callers hold _NATIVE_LOCK."""
+    logs. Callers hold _NATIVE_LOCK. The redirection is the whole process's for a few
+    milliseconds: a child another thread started meanwhile would inherit it, so parse
+    where nothing else starts processes (the daemon's parser process)."""
     held = _HeldOutput()
     saved: list[tuple[int, int, int]] = []  # (fd, its saved copy, scratch)
     for stream in (sys.stdout, sys.stderr):
