@@ -277,9 +277,17 @@ def test_library_errors_carry_their_status(gpu: GpuExecutor) -> None:
     backend: Any = gpu._backend
     with backend.session():
         backend.reset_state(4)
+        # custatevec.h: measureOnZBasis with no basis bit returns INVALID_VALUE.
         with pytest.raises(custatevec.cuStateVecError) as err:
-            custatevec.collapse_on_z_basis(
-                backend._handle, int(backend._sv.data.ptr), backend._sv_type, 4, 0, [], 0, 1.0
+            custatevec.measure_on_z_basis(
+                backend._handle,
+                int(backend._sv.data.ptr),
+                backend._sv_type,
+                4,
+                [],
+                0,
+                0.5,
+                int(custatevec.CollapseOp.NONE),
             )
     assert int(err.value.status) == int(custatevec.Status.INVALID_VALUE)
     oom = custatevec.cuStateVecError(int(custatevec.Status.ALLOC_FAILED))
