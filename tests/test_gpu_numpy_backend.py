@@ -1,16 +1,13 @@
 """CPU tests of the gpu executor: the lowering/fusion/measurement pipeline on the NumPy
-reference backend against qiskit.quantum_info.Statevector and qiskit-aer, and the
-cuStateVec backend's plumbing against a NumPy emulation of the cuStateVec bindings."""
+backend against qiskit.quantum_info.Statevector and qiskit-aer, and the executor contract
+(the cuStateVec backend's own tests are in test_gpu_custatevec.py)."""
 
 from __future__ import annotations
 
-import ctypes
-import inspect
 import subprocess
 import sys
-import types
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -509,7 +506,9 @@ def test_capabilities_declare_counts_only() -> None:
     assert GpuExecutor({"backend": "numpy"}).capabilities().meas_levels == (2,)
 
 
-@pytest.mark.parametrize("source", ["", "OPENQASM 3.0; this is not a program", "qreg q[1]; h q[9];"])
+@pytest.mark.parametrize(
+    "source", ["", "OPENQASM 3.0; this is not a program", "qreg q[1]; h q[9];"]
+)
 def test_runs_the_parsed_circuit_and_never_reads_its_text(source: str) -> None:
     # The daemon parses once; the executor must use Experiment.circuit, whatever the text.
     qc = QuantumCircuit(2, 2)
