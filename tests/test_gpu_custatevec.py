@@ -591,6 +591,21 @@ def test_wide_measurements_use_the_sampler_with_its_workspace(
     assert not emulated.samplers  # destroyed
 
 
+def test_capabilities_and_admission_use_device_memory(emulated: EmulatedCuStateVec) -> None:
+    ex = GpuExecutor({"precision": "double"})
+    caps = ex.capabilities()
+    assert caps.memory_bytes == 8 << 30 and caps.meas_levels == (2,)
+    assert caps.max_qubits == 28  # 4 GiB state + workspace + margin fit 8 GiB; 29 does not
+    assert caps.extra["free_memory_bytes"] == emulated.device.free()
+    qc = QuantumCircuit(29, 1)
+    qc.measure(0, 0)
+    with pytest.raises(JobError) as err:
+        run_one(ex, qc, 1)
+    assert err.value.code == ErrorCode.QUOTA_EXCEEDED
+    assert err.value.details["required_bytes"] > err.value.details["available_bytes"]
+    assert emulated.device.allocations == 0  # refused before any device allocation
+
+
 # --- issue 12, item 1: workspace by every argument of its query ---------------------------
 
 
