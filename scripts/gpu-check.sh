@@ -26,7 +26,6 @@ VENV="${QPI_GPU_VENV:-/tmp/qpi-gpu-check-venv}"
 PY="${PYTHON:-python3}"
 PORT="${QPI_GPU_CHECK_PORT:-18090}"
 TOTAL_S=480
-WORK="$(mktemp -d /tmp/qpi-gpu-check.XXXXXX)"
 STARTED=$EPOCHREALTIME
 REHEARSAL="${QPI_GPU_CHECK_REHEARSAL:-}"
 BACKEND=custatevec GHZ_N=24 FIT_CAP=64
@@ -40,6 +39,8 @@ elif ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | gr
     exit 69
 fi
 mkdir -p "$OUT_DIR"
+WORK="$(mktemp -d /tmp/qpi-gpu-check.XXXXXX)"  # step results, the daemon's data dir
+trap 'rm -rf "$WORK"' EXIT
 LOG="$OUT_DIR/gpu-check.log"
 : >"$LOG"
 export PYTHONPATH="$ROOT" PYTHONUNBUFFERED=1 OUT_DIR WORK ROOT PORT WHEELS VENV PY
