@@ -448,7 +448,7 @@ def test_only_whole_arguments_are_rewritten() -> None:
 
 def test_hardware_qubits_are_the_full_importers_whatever_the_comments_say() -> None:
     text = HEADER + "// $9 is not used\nbit[2] c;\n/* nor $12 */\nx $3;\nc[0] = measure $0;\n" \
-        "c[1] = measure $3;\nh $1; // $20\n"
+        "c[1] = measure $3;\nh $1; // $20\nU(pi/2, 0.5, -3*pi/4) $1;\ncx $1, $2;\n"
     fast, path, full = both_ways(text)
     assert path == "native"
     assert fast.num_qubits == 4
