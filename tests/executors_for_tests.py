@@ -6,18 +6,31 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from executors.aer import AerExecutor
 from executors.base import Job, JobError, JobResult
 
 
 class CountingExecutor(AerExecutor):
-    """Aer that appends every job it starts to `count_file` (one line per execution)
-    and misbehaves on request: `// segfault`, `// exit`, `// hang`, `// sleep S`."""
+    """Aer that appends every job it starts to `count_file` (one line per execution),
+    writes its process id to `count_file` + ".pid" when it starts, and misbehaves on
+    request: `// segfault`, `// exit`, `// hang`, `// sleep S`."""
 
     name = "counting"
     OPTIONS = AerExecutor.OPTIONS | {"count_file"}
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        path = self.options.get("count_file")
+        if path:
+            # Tests kill the executor process; the daemon has other children (a parser),
+            # so the executor says which one it is. Replaced whole: never read half written.
+            partial = f"{path}.pid.partial"
+            with open(partial, "w") as out:
+                out.write(str(os.getpid()))
+            os.replace(partial, f"{path}.pid")
 
     def run_many(self, jobs: Sequence[Job]) -> list[JobResult | JobError]:
         path = self.options.get("count_file")

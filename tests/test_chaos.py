@@ -6,7 +6,6 @@ not inferred), duplicates really exercised, and a daemon that still stops cleanl
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
@@ -21,9 +20,15 @@ import pytest
 from driver.orchestrator import FINAL, JobRecord, LocalOrchestrator
 from driver.wire import EventType
 from tests.circuits import BELL
-from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
+from tests.conftest import (
+    EXECUTIONS_LOG,
+    Daemon,
+    counting_daemon,
+    executions,
+    heartbeats,
+    wait_for,
+)
 
-COUNTING = "tests.executors_for_tests:CountingExecutor"
 JOBS = 300
 SHOTS = 32
 RESTARTS = 6  # orchestrator NNG restarts at random moments (plus one inside a kill window)
@@ -35,17 +40,12 @@ def bell(n: int, marker: str = "") -> str:
     return BELL + f"// job {n}\n" + (f"// {marker}\n" if marker else "")
 
 
-def executions(path: Path) -> list[str]:
-    return path.read_text().split() if path.exists() else []
-
-
-def worker_pid(daemon: Daemon) -> int:
-    """The executor: the daemon's multiprocessing child (not a resource tracker)."""
-    kids = [c for c in psutil.Process(daemon.proc.pid).children()
-            if "--multiprocessing-fork" in c.cmdline()
-            and "resource_tracker" not in " ".join(c.cmdline())]
-    assert len(kids) == 1, [c.cmdline() for c in kids]
-    return kids[0].pid
+def worker_pid(daemon: Daemon, tmp_path: Path) -> int:
+    """The executor process, as the counting executor names it: a child of the daemon."""
+    pid = int((tmp_path / f"{EXECUTIONS_LOG}.pid").read_text())
+    kids = {c.pid for c in psutil.Process(daemon.proc.pid).children(recursive=True)}
+    assert pid in kids, (pid, kids)
+    return pid
 
 
 def alive(pid: int) -> bool:
@@ -53,17 +53,6 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-async def counting_daemon(tmp_path: Path, orch: LocalOrchestrator, count: Path,
-                          **extra: str) -> Daemon:
-    env = daemon_env(tmp_path, orch, QPI_EXECUTOR=COUNTING,
-                     QPI_EXECUTOR_OPTIONS=json.dumps({"count_file": str(count)}), **extra)
-    d = start_daemon(tmp_path, env)
-    await wait_for(lambda: orch.online or d.proc.poll() is not None, timeout=90,
-                   what="the daemon to connect")
-    assert d.proc.poll() is None, d.output()
-    return d
 
 
 async def restart_orchestrator(orch: LocalOrchestrator, rng: random.Random) -> None:
@@ -80,10 +69,9 @@ async def test_restarts_and_worker_kills_lose_nothing_and_run_nothing_twice(
     seed = int(os.environ.get("CHAOS_SEED") or time.time_ns() % 1_000_000)
     print(f"chaos seed {seed} (rerun with CHAOS_SEED={seed})")
     rng = random.Random(seed)
-    count = tmp_path / "executions.log"
     orch = LocalOrchestrator(port=0, driver_name="chaos", wire_format="msgpack")
     await orch.start()
-    d = await counting_daemon(tmp_path, orch, count)
+    d = await counting_daemon(tmp_path, orch)
     records: list[JobRecord] = []
     victims: list[JobRecord] = []
     started_at_kill: set[str] = set()  # every job the executor had begun when it was killed
@@ -101,7 +89,7 @@ async def test_restarts_and_worker_kills_lose_nothing_and_run_nothing_twice(
             # A job that sleeps far longer than the test: it can only end by the kill.
             victim = orch.submit({"circuits": [bell(10_000 + k, "sleep 60")], "shots": SHOTS})
             victims.append(victim)
-            await wait_for(lambda: victim.id in executions(count), timeout=120,
+            await wait_for(lambda: victim.id in executions(tmp_path), timeout=120,
                            what=f"victim {k} to start executing")
             if k == 0:
                 # A restart while a job runs and others queue behind it makes the
@@ -109,13 +97,17 @@ async def test_restarts_and_worker_kills_lose_nothing_and_run_nothing_twice(
                 await restart_orchestrator(orch, rng)
                 restarts += 1
                 await wait_for(lambda: orch.online, timeout=60, what="reconnect")
-                await asyncio.sleep(0.3)
-            pid = worker_pid(d)
+                # The victim itself is among them: kill only once the daemon has taken
+                # its duplicate in, so the kill lands on a daemon holding duplicates.
+                await wait_for(lambda: d.logged("duplicate dispatch absorbed",
+                                                job_id=victim.id), timeout=60,
+                               what=f"the daemon to absorb victim {k}'s re-dispatch")
+            pid = worker_pid(d, tmp_path)
             os.kill(pid, signal.SIGKILL)
             # Every job begun so far, the killed worker's batch included (it is logged
             # before it runs); a fresh worker needs seconds to import Aer, so none of its
             # jobs can be in here yet.
-            started_at_kill.update(executions(count))
+            started_at_kill.update(executions(tmp_path))
 
         async def chaos() -> None:
             nonlocal restarts
@@ -141,7 +133,11 @@ async def test_restarts_and_worker_kills_lose_nothing_and_run_nothing_twice(
             missing = [(r.id, r.status, r.dispatches) for r in everything if r.status not in FINAL]
             raise AssertionError(f"{exc}; unanswered (id, status, dispatches): {missing[:10]}, "
                                  f"{len(missing)} in all") from None
-        await asyncio.sleep(1.0)  # let late duplicate answers arrive before judging them
+        # Late duplicate answers (replays from the store) must arrive before they are
+        # judged: one more job, dispatched behind every duplicate, is answered after them.
+        barrier = orch.submit({"circuits": [bell(JOBS)], "shots": SHOTS})
+        await orch.result(barrier.id, timeout=90)
+        assert barrier.status == "completed", barrier.results
         print(f"{len(everything)} jobs, {restarts} restarts, {len(victims)} kills in "
               f"{time.monotonic() - started:.1f} s; {orch.connects} connects, "
               f"{sum(r.status == 'failed' for r in everything)} crashed, "
@@ -173,9 +169,9 @@ async def test_restarts_and_worker_kills_lose_nothing_and_run_nothing_twice(
         assert crashed <= KILLS * 64  # at most one batch per kill (QPI_BATCH_MAX_JOBS)
 
         # Nothing executed twice, and everything executed: the executor's own log.
-        runs = Counter(executions(count))
+        runs = Counter(executions(tmp_path))
         assert not [j for j, n in runs.items() if n > 1], runs.most_common(5)
-        assert set(runs) == {r.id for r in everything}
+        assert set(runs) == {r.id for r in everything} | {barrier.id}
 
         # The chaos really happened: re-dispatches reached the daemon and were absorbed
         # or answered from the store, and every restart cost a re-registration.
@@ -192,17 +188,21 @@ async def test_restarts_and_worker_kills_lose_nothing_and_run_nothing_twice(
 async def test_worker_killed_between_jobs_is_replaced(tmp_path: Path) -> None:
     """The executor dying while idle (OOM killer, an operator) must cost no job:
     the next job gets a fresh worker, or at worst an EXECUTOR_CRASHED answer."""
-    count = tmp_path / "executions.log"
-    orch = LocalOrchestrator(port=0, driver_name="idle-kill", wire_format="msgpack")
+    orch = LocalOrchestrator(port=0, driver_name="idle-kill", wire_format="msgpack",
+                             heartbeat_interval_s=0.3)
     await orch.start()
-    d = await counting_daemon(tmp_path, orch, count, QPI_DRAIN_TIMEOUT_S="5")
+    d = await counting_daemon(tmp_path, orch, QPI_DRAIN_TIMEOUT_S="5")
     try:
         first = orch.submit({"circuits": [bell(1)], "shots": SHOTS})
         await orch.result(first.id, timeout=90)
-        pid = worker_pid(d)
+        pid = worker_pid(d, tmp_path)
         os.kill(pid, signal.SIGKILL)
         await wait_for(lambda: not alive(pid), timeout=30, what="the worker to die")
-        await asyncio.sleep(1.0)  # an idle moment: the daemon is not reading the dead pipe
+        # An idle moment, the daemon not reading the dead pipe: two heartbeats go out
+        # with the worker dead and no job in hand.
+        beats = len(heartbeats(orch))
+        await wait_for(lambda: len(heartbeats(orch)) >= beats + 2, timeout=30,
+                       what="two heartbeats with the worker dead")
         second = orch.submit({"circuits": [bell(2)], "shots": SHOTS})
         await wait_for(lambda: second.status in FINAL or d.proc.poll() is not None, timeout=30,
                        what="an answer to the job sent after the idle worker was killed")
@@ -219,4 +219,4 @@ async def test_worker_killed_between_jobs_is_replaced(tmp_path: Path) -> None:
         code = d.stop(timeout=60)
         await orch.stop()
     assert code == 0, f"daemon exited {code}:\n{d.output()[-5000:]}"
-    assert Counter(executions(count))[second.id] <= 1
+    assert Counter(executions(tmp_path))[second.id] <= 1
