@@ -225,6 +225,56 @@ def test_random_circuits_come_out_identical_whichever_path_they_take(qc: Quantum
         assert re.search(r"[(,]\s*-?0\s*[,)]", text), text
 
 
+SEED_PROGRAM = (
+    HEADER + "bit[2] c;\nqubit[3] q;\nqubit r;\nh q[0];\ncx q[0], q[1];\n"
+    "U(pi/2, -3*pi/4, 0.25) q[2];\nrz(1/(2*pi)) r;\nccx q[0], q[1], q[2];\nbarrier q, r;\n"
+    "c[0] = measure q[0];\nc[1] = measure r;\n"
+)
+TOKENS = ["q", "q[0]", "q[3]", "r", "c", "$0", "$2", ",", ";", "(", ")", "pi", "-", "*", "/",
+          "2", "0", "0.5", "1.e-05", "U", "id", "cx", "h", "measure", "=", "[", "]", " ",
+          "\n", "qubit", "bit", "qubit[2] s;", "//", "/*", "*/", "barrier", "reset", "_qpi_U"]
+
+
+@st.composite
+def mutated_programs(draw: st.DrawFn) -> str:
+    """The seed program (inside the native subset) with a few random edits: most are no
+    longer valid, some are, and a fair share of either still reaches the native importer."""
+    text = SEED_PROGRAM
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(len(HEADER), len(text)))
+        edit = draw(st.integers(0, 2))
+        if edit == 0:
+            text = text[:at] + text[at + draw(st.integers(1, 6)):]
+        elif edit == 1:
+            text = text[:at] + draw(st.sampled_from(TOKENS)) + text[at:]
+        else:
+            lines = text.split("\n")
+            i, j = (draw(st.integers(2, len(lines) - 1)) for _ in range(2))
+            lines[i], lines[j] = lines[j], lines[i]
+            text = "\n".join(lines)
+    return text
+
+
+def test_the_program_mangled_below_is_one_the_native_importer_takes() -> None:
+    assert parse_qasm_traced(SEED_PROGRAM).path == "native"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_programs())
+def test_a_mangled_program_is_refused_or_built_exactly_as_the_full_importer_does(
+    text: str,
+) -> None:
+    try:
+        full = qasm3.loads(text)
+    except Exception:
+        full = None
+    if full is None:
+        with pytest.raises(CircuitError):
+            parse_qasm(text)
+    else:
+        assert_identical(parse_qasm(text), full)
+
+
 # -- invalid programs ----------------------------------------------------------------------
 
 # (name, text, reason, line, column): what parse_qasm answered before the native path
