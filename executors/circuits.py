@@ -80,10 +80,7 @@ def parse_qasm_traced(source: str) -> ParsedCircuit:
 def _parse_cached(source: str) -> ParsedCircuit:
     version = qasm_version(source)
     if version == 3:
-        try:
-            native = _load_native(source)
-        except OSError:  # no scratch file for its output (disk full, out of descriptors)
-            native = None
+        native = _load_native(source)
         if native is not None:
             return ParsedCircuit(native, "native")
     try:
@@ -95,7 +92,12 @@ def _parse_cached(source: str) -> ParsedCircuit:
         from qiskit import qasm3
 
         # Always the original text, so every error and position is the full importer's.
-        return ParsedCircuit(qasm3.loads(source), "full")
+        # Held like the native importer's: its ANTLR parser prints each syntax error to
+        # stderr ("line 3:6 no viable alternative at input ...") besides raising it.
+        with _OUTPUT_LOCK, _output_held() as quiet:
+            circuit = qasm3.loads(source)
+            quiet.release()
+        return ParsedCircuit(circuit, "full")
     except Exception as exc:  # the loaders raise several unrelated types
         raise _located(exc) from None
 
@@ -227,15 +229,15 @@ def _pi_literal(match: re.Match[str]) -> str:
     return space + repr(-value if minus else value)
 
 
-_NATIVE_LOCK = threading.Lock()
+_OUTPUT_LOCK = threading.Lock()  # held while fds 1 and 2 point at scratch files
 _WARNING = "This is an experimental native version of the OpenQASM 3 importer"
 
 
 def _after_fork() -> None:
     # A child forked while another thread held the lock would wait on it forever; the
     # parent's scratch files are the parent's.
-    global _NATIVE_LOCK
-    _NATIVE_LOCK = threading.Lock()
+    global _OUTPUT_LOCK
+    _OUTPUT_LOCK = threading.Lock()
     for scratch in _scratch.values():
         with suppress(OSError):
             os.close(scratch)
@@ -253,7 +255,7 @@ def _load_native(source: str) -> QuantumCircuit | None:
     from qiskit import qasm3
     from qiskit.exceptions import ExperimentalWarning
 
-    with _NATIVE_LOCK, _output_held() as quiet, warnings.catch_warnings():
+    with _OUTPUT_LOCK, _output_held() as quiet, warnings.catch_warnings():
         warnings.filterwarnings("ignore", _WARNING, ExperimentalWarning)
         try:
             circuit = qasm3.loads_experimental(program.text, custom_gates=_native_gates())
@@ -310,9 +312,9 @@ def _distinct_bits(circuit: QuantumCircuit) -> bool:
 
 
 class _HeldOutput:
-    """Whether what reached fds 1 and 2 during the native import is passed on: not its
-    own diagnostics when it fails, but whatever other threads wrote meanwhile when it
-    succeeds (it prints nothing then)."""
+    """Whether what reached fds 1 and 2 during an import is passed on: not the
+    importer's diagnostics when it fails, but whatever other threads wrote meanwhile
+    when it succeeds (neither importer prints anything then)."""
 
     def __init__(self) -> None:
         self.keep = False
@@ -328,31 +330,36 @@ _scratch: dict[tuple[int, int], int] = {}  # (pid, fd) -> scratch file; a fork o
 def _output_held() -> Iterator[_HeldOutput]:
     """Point fds 1 and 2 at scratch files: the native importer prints its parse errors
     to the process's stdout and Rust panics to its stderr, which would reach the daemon's
-    logs. Callers hold _NATIVE_LOCK. The redirection is the whole process's for a few
+    logs. Callers hold _OUTPUT_LOCK. The redirection is the whole process's for a few
     milliseconds: a child another thread started meanwhile would inherit it, so parse
     where nothing else starts processes (the daemon's parser process)."""
     held = _HeldOutput()
     saved: list[tuple[int, int, int]] = []  # (fd, its saved copy, scratch)
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            with suppress(OSError, ValueError):  # closed or detached: nothing pending
-                stream.flush()  # Python-level text written before the call goes out now
+    _flush_python_streams()  # what Python code wrote before goes out now
     try:
         for fd in (1, 2):
             try:
+                scratch = _scratch_file(fd)
                 copy = os.dup(fd)
-            except OSError:  # not open: nothing to keep the diagnostics out of
+            except OSError:  # not open, or no scratch file (disk full): left as it is
                 continue
-            scratch = _scratch_file(fd)
             saved.append((fd, copy, scratch))
             os.dup2(scratch, fd)
         yield held
     finally:
+        _flush_python_streams()  # ANTLR prints through sys.stderr, and into the held fds
         for fd, copy, scratch in saved:
             os.dup2(copy, fd)
             os.close(copy)
             if held.keep and os.lseek(scratch, 0, os.SEEK_CUR):
                 _copy_out(scratch, fd)
+
+
+def _flush_python_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with suppress(OSError, ValueError):  # closed or detached: nothing pending
+                stream.flush()
 
 
 def _scratch_file(fd: int) -> int:
