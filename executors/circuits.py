@@ -160,8 +160,6 @@ _PI_ARGUMENT = re.compile(
     rf"(?<=[(,])(\s*)(-?)(?:({_COUNT})/\(({_COUNT})\*pi\)|(?:({_COUNT})\*)?pi(?:/({_COUNT}))?)"
     r"(?=\s*[,)])"
 )
-
-
 _BARE_POINT = re.compile(r"(?<=\d)\.(?=e)")
 _BUILTIN_U = re.compile(r"(?<![\w$])U(?=\s*\()")
 _HARDWARE_QUBIT = re.compile(r"\$(\d+)")
