@@ -1,8 +1,8 @@
 """The images built and run for real, through scripts/docker-smoke.sh: a base made with
 debootstrap, `docker build --target cpu`, a Bell job in local mode inside the container,
-HEALTHCHECK healthy, `docker stop` drains and exits 0; the gpu target too when asked
-(QPI_SMOKE_GPU=1) or built here before. Skips with the script's reason where no engine
-can start; QPI_DOCKER_SMOKE=0 skips it on purpose."""
+HEALTHCHECK healthy, `docker stop` during a job drains and exits 0; the gpu target too
+when asked (QPI_SMOKE_GPU=1). Skips with the script's reason where no engine can start;
+QPI_DOCKER_SMOKE=0 skips it on purpose."""
 
 from __future__ import annotations
 
