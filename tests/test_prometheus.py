@@ -96,8 +96,8 @@ class LocalDaemon:
         done = subprocess.run(
             [sys.executable, "-m", "driver", "submit", str(BELL), "--shots", "100",
              "--url", self.url],
-            env=daemon_env(Path("/nonexistent"), None), capture_output=True, text=True,
-            timeout=120)
+            env=daemon_env(self.daemon.log_path.parent, None), capture_output=True,
+            text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr + self.daemon.output()
 
 
