@@ -50,7 +50,7 @@ FROM ${PYTHON_IMAGE} AS cpu-venv
 RUN --mount=type=bind,from=requirements,source=/cpu.txt,target=/tmp/requirements.txt \
     python -m venv /opt/qpi-driver/venv \
     && /opt/qpi-driver/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
-# pip check: the wheel's declared dependencies are exactly what the layer above installed.
+# pip check: every dependency the wheel declares is installed, at a version it accepts.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     /opt/qpi-driver/venv/bin/pip install --no-cache-dir --no-deps /wheels/*.whl \
     && /opt/qpi-driver/venv/bin/pip check
