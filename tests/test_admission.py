@@ -94,13 +94,11 @@ async def test_a_wrong_ca_fingerprint_is_reported_while_the_executor_warms(
     assert orch.connects == 0
 
 
-async def test_a_failing_background_part_is_logged_restarted_then_stops_the_daemon(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    from driver import logs
+async def test_a_failing_background_part_is_logged_restarted_then_stops_the_daemon() -> None:
+    from structlog.testing import capture_logs
+
     from driver.service import TASK_RESTARTS_PER_MINUTE, supervised
 
-    logs.configure("json", "info")
     runs: list[int] = []
     stopped: list[bool] = []
 
@@ -110,15 +108,19 @@ async def test_a_failing_background_part_is_logged_restarted_then_stops_the_daem
             raise RuntimeError("store gone")  # fails once, then runs to its end
         await asyncio.sleep(0)
 
-    await supervised("flaky", flaky, lambda: stopped.append(True), pause_s=0)
-    assert len(runs) == 2 and not stopped
-    assert "a part of the daemon failed; restarting it" in capsys.readouterr().err
-
     async def broken() -> None:
         raise RuntimeError("always")
 
-    await supervised("broken", broken, lambda: stopped.append(True), pause_s=0)
+    with capture_logs() as flaky_logs:
+        await supervised("flaky", flaky, lambda: stopped.append(True), pause_s=0)
+    assert len(runs) == 2 and not stopped
+    assert [e["event"] for e in flaky_logs] == ["a part of the daemon failed; restarting it"]
+    assert flaky_logs[0]["part"] == "flaky" and flaky_logs[0]["log_level"] == "error"
+
+    with capture_logs() as broken_logs:
+        await supervised("broken", broken, lambda: stopped.append(True), pause_s=0)
     assert stopped == [True]
-    out = capsys.readouterr().err
-    assert out.count("restarting it") == TASK_RESTARTS_PER_MINUTE
-    assert "keeps failing; stopping" in out and "RuntimeError: always" in out
+    events = [e["event"] for e in broken_logs]
+    assert events.count("a part of the daemon failed; restarting it") == TASK_RESTARTS_PER_MINUTE
+    assert events[-1] == "a part of the daemon keeps failing; stopping"
+    assert broken_logs[-1]["log_level"] == "critical"

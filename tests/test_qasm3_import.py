@@ -27,8 +27,21 @@ from bench.parse import CorpusCircuit, corpus
 from driver.orchestrator import LocalOrchestrator
 from executors.aer import AerExecutor
 from executors.base import Experiment, Job
-from executors.circuits import CircuitError, native_text, parse_qasm, parse_qasm_traced
+from executors.circuits import (
+    CircuitError,
+    _parse_cached,
+    native_text,
+    parse_qasm,
+    parse_qasm_traced,
+)
 from tests.conftest import Daemon, run_job
+
+
+@pytest.fixture(autouse=True)
+def uncached() -> None:
+    """Parse afresh: a text another test parsed would otherwise come from the cache
+    (tests here replace the native importer and must see it called)."""
+    _parse_cached.cache_clear()
 
 HEADER = 'OPENQASM 3.0;\ninclude "stdgates.inc";\n'
 CORPUS = corpus()
