@@ -14,7 +14,7 @@ import pickle
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -77,13 +77,7 @@ def _executor_main(conn: multiprocessing.connection.Connection, name: str,
                               isinstance(exc, executors.OptionError)))
         return
     conn.send(Ready(caps, executor.calibration(), executor.health()))
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:
-            break
-        if isinstance(message, Stop):
-            break
+    for message in _messages(conn):
         if isinstance(message, RefreshCalibration):
             conn.send(CalibrationReport(executor.calibration(), executor.health()))
         elif isinstance(message, RunBatch):
@@ -110,14 +104,20 @@ def run_batch(executor: Any, name: str, version: str, jobs: list[PreparedJob]) -
 def _parser_main(conn: multiprocessing.connection.Connection) -> None:
     """Parser process: parse and check each job in turn, answer in the same order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for message in _messages(conn):
+        conn.send(parse_job(message))
+
+
+def _messages(conn: multiprocessing.connection.Connection) -> Iterator[Any]:
+    """What the daemon sends, until it says Stop or closes the pipe."""
     while True:
         try:
             message = conn.recv()
         except EOFError:
-            break
+            return
         if isinstance(message, Stop):
-            break
-        conn.send(parse_job(message))
+            return
+        yield message
 
 
 def parse_job(message: ParseJob) -> Parsed:

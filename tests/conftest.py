@@ -176,6 +176,18 @@ async def orchestrator(wire_format: str) -> AsyncIterator[LocalOrchestrator]:
 
 
 @pytest.fixture
+async def orch(request: pytest.FixtureRequest) -> AsyncIterator[LocalOrchestrator]:
+    """An embedded orchestrator (msgpack) whose QPU is named after the test module."""
+    name = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    o = LocalOrchestrator(port=0, driver_name=name)
+    await o.start()
+    try:
+        yield o
+    finally:
+        await o.stop()
+
+
+@pytest.fixture
 async def daemon(orchestrator: LocalOrchestrator, tmp_path: Path) -> AsyncIterator[Daemon]:
     d = await start_connected(tmp_path, orchestrator, daemon_env(tmp_path, orchestrator))
     try:

@@ -7,24 +7,14 @@ import asyncio
 import os
 import re
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from qiskit import QuantumCircuit, qasm3
 from qiskit.circuit.library import QFTGate
 
 from driver.orchestrator import LocalOrchestrator
 from tests.circuits import BELL
 from tests.conftest import daemon_env, run_job, start_connected, start_daemon, wait_for
-
-
-@pytest.fixture
-async def orch() -> AsyncIterator[LocalOrchestrator]:
-    o = LocalOrchestrator(port=0, driver_name="admission")
-    await o.start()
-    yield o
-    await o.stop()
 
 
 async def test_meas_level_the_executor_does_not_return_is_refused_at_admission(

@@ -6,11 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from driver.orchestrator import LocalOrchestrator
 from driver.wire import EventType, encode
@@ -29,14 +26,6 @@ from tests.conftest import (
 
 def marked(marker: str) -> str:
     return BELL + f"// {marker}\n"
-
-
-@pytest.fixture
-async def orch() -> AsyncIterator[LocalOrchestrator]:
-    o = LocalOrchestrator(port=0, driver_name="chaos")
-    await o.start()
-    yield o
-    await o.stop()
 
 
 async def barrier(orch: LocalOrchestrator) -> None:
