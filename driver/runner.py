@@ -187,9 +187,10 @@ class JobRunner:
             self._store.mark_running(ids)
         except StoreUnavailable as exc:
             # Without the mark a crash could run it twice: answer it, do not run it.
+            # The store keeps the reason (ResultStore.problem): the node reports degraded
+            # and intake refuses new work until a write succeeds again.
             log.error("cannot record that jobs start; not running them", reason=exc.reason,
                       jobs=ids)
-            self._problems["store"] = exc.reason
             for job_id in ids:
                 del self._jobs[job_id]
             refusal = JobError(ErrorCode.QUOTA_EXCEEDED, f"the driver cannot record this "

@@ -211,7 +211,7 @@ class Driver:
         addr = self.settings.metrics_addr
         if not addr:
             return 0
-        self._health = HealthServer(self.metrics, lambda: self._p.status.unready_reasons())
+        self._health = HealthServer(self.metrics, self._unready)
         try:
             await self._health.start(addr)
         except OSError as exc:
@@ -219,6 +219,9 @@ class Driver:
             return EX_CONFIG
         log.info("metrics listening", addr=addr, port=self._health.port)
         return 0
+
+    def _unready(self) -> list[str]:
+        return self.parts.status.unready_reasons() if self.parts is not None else ["starting"]
 
     def _open_store(self) -> int:
         path = self.settings.data_dir / "results.sqlite3"
@@ -249,8 +252,7 @@ class Driver:
         runner = JobRunner(self.settings, self.executor, store, self.metrics, outbox.finish,
                            announcer(outbox), self._changed, problems)
         status = NodeStatus(self.settings.executor, self.metrics, runner, outbox, store,
-                            self.notifier)
-        status.problems = problems
+                            self.notifier, problems)
         intake = Intake(self.metrics, store, self.settings.max_queued_jobs,
                         runner.__contains__, lambda: runner.waiting)
         self.metrics.queue_depth.set_function(lambda: runner.waiting)

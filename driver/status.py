@@ -24,17 +24,19 @@ STATUSES = ("idle", "busy", "draining", "degraded")
 
 class NodeStatus:
     """Reads the other parts; writes only the status metrics and the heartbeat. Parts
-    report trouble in `problems` (by key: "executor", "store", "tls"), cleared when over."""
+    report trouble in `problems` (by key: "executor", "tls"), cleared when over; the
+    store reports its own (`ResultStore.problem`)."""
 
     def __init__(self, executor_name: str, metrics: Metrics, runner: JobRunner,
-                 outbox: Outbox, store: ResultStore, notifier: Notifier) -> None:
+                 outbox: Outbox, store: ResultStore, notifier: Notifier,
+                 problems: dict[str, str]) -> None:
         self._executor_name = executor_name
         self._metrics = metrics
         self._runner = runner
         self._outbox = outbox
         self._store = store
         self._notifier = notifier
-        self.problems: dict[str, str] = {}
+        self.problems = problems
         self.session: OrchestratorSession | None = None
         self.draining = False
         self.capabilities: dict[str, Any] = {}
