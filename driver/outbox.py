@@ -14,7 +14,7 @@ from driver.metrics import Metrics
 from driver.nng import SocketClosed
 from driver.outcome import Outcome
 from driver.session import OrchestratorSession
-from driver.store import ResultStore, StoreUnavailable
+from driver.store import ResultStore, StoreUnavailable, packed
 from driver.wire import Envelope, EventType, encode
 
 DELIVERY_MARK_DELAY_S = 0.5  # marks ride along with the next result write, or go this late
@@ -63,6 +63,7 @@ class Outbox:
             log.error("results cannot be made durable; keeping them in memory and "
                       "delivering them", reason=exc.reason,
                       jobs=[o.job_id for o in outcomes][:20])
+            outcomes = [packed(outcome)[0] for outcome in outcomes]
             for outcome in outcomes:
                 self._unstored[outcome.job_id] = outcome
             self._changed(False)

@@ -107,13 +107,7 @@ class ResultStore:
         now = time.time()
         stored, rows = [], []
         for outcome in outcomes:
-            wire = outcome.to_wire()
-            try:
-                blob = msgpack.packb(wire)
-            except (OverflowError, TypeError, ValueError):
-                # e.g. a 2**70 echoed back from a hostile job
-                outcome = Outcome.from_wire(outcome.job_id, _encodable(wire))
-                blob = msgpack.packb(outcome.to_wire())
+            outcome, blob = packed(outcome)
             stored.append(outcome)
             rows.append((outcome.job_id, blob, now, now))
         self._write([
@@ -167,6 +161,17 @@ class ResultStore:
 
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+
+def packed(outcome: Outcome) -> tuple[Outcome, bytes]:
+    """The outcome as msgpack, made encodable first where it is not (e.g. a 2**70 echoed
+    back from a hostile job): what msgpack carries, the wire's JSON carries too."""
+    wire = outcome.to_wire()
+    try:
+        return outcome, msgpack.packb(wire)
+    except (OverflowError, TypeError, ValueError):
+        outcome = Outcome.from_wire(outcome.job_id, _encodable(wire))
+        return outcome, msgpack.packb(outcome.to_wire())
 
 
 def _encodable(value: Any) -> Any:
