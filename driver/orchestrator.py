@@ -5,7 +5,6 @@ protocol §1-6 and the job endpoints of QPI's client API that `qpi-client` uses.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import secrets
 from collections import deque
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from driver import logs
 from driver.nng import AsyncSocket, SocketClosed, bound_port, tls_server, url
+from driver.settings import is_loopback
 from driver.tls import ServerIdentity, generate_identity
 from driver.wire import (
     WIRE_FORMATS,
@@ -35,16 +35,6 @@ FINAL = ("completed", "failed", "cancelled")
 # GET /api/qpus/{name} before the driver has registered waits this long for it, so a
 # script that starts the daemon and asks for its backend at once gets a usable record.
 QPU_WAIT_S = 30.0
-
-
-def is_loopback(host: str) -> bool:
-    """True for names and addresses that only this machine can reach."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(slots=True)

@@ -181,7 +181,7 @@ class Settings(BaseSettings):
         if url is None or not url.startswith("http://"):
             return None
         host = urlsplit(url).hostname or ""
-        if host == "localhost" or _is_loopback_ip(host):
+        if is_loopback(host):
             return None
         return (f"orchestrator_url {url} is http:// to another host: the access token is sent "
                 "over the network in clear text, where anyone on the path can read it and "
@@ -236,7 +236,10 @@ def _sources(
     return sources
 
 
-def _is_loopback_ip(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for names and addresses that only this machine can reach."""
+    if host == "localhost":
+        return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
