@@ -19,14 +19,17 @@ from typing import Any
 from pydantic import SecretStr
 
 from driver import __version__, logs
-from driver.settings import CREDENTIAL_NAME, EX_CONFIG, ConfigError, Settings, load_settings
+from driver.exits import (
+    EX_CANTCREAT,
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_IOERR,
+    EX_NOINPUT,
+    EX_SIGPIPE,
+    EX_TEMPFAIL,
+)
+from driver.settings import CREDENTIAL_NAME, ConfigError, Settings, load_settings
 from driver.settings import origins as setting_origins
-
-EX_NOINPUT = 66  # sysexits.h: no store where asked
-EX_CANTCREAT = 73
-EX_IOERR = 74
-EX_TEMPFAIL = 75
-EX_SIGPIPE = 128 + 13  # what a C tool's exit looks like when its reader went away
 
 _NOT_FLAGS = {"access_token", "executor_options"}  # secrets never go on a command line
 
@@ -215,7 +218,7 @@ def _store(args: argparse.Namespace) -> int:
         report = store_repair.check(path)
         print(report.summary())
         return {"ok": 0, "missing": EX_NOINPUT, "unreadable": EX_IOERR}.get(
-            report.state, store_repair.EX_DATAERR)
+            report.state, EX_DATAERR)
     try:
         recovered = store_repair.recover(path)
     except store_repair.StoreInUse as exc:
@@ -306,7 +309,7 @@ def _submit(args: argparse.Namespace) -> int:
         source = args.file.read_text()
     except OSError as exc:
         print(f"qpi-driver submit: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return 66  # EX_NOINPUT
+        return EX_NOINPUT
     base = args.url.rstrip("/")
     try:
         job = _http("POST", f"{base}/api/jobs", {
@@ -318,7 +321,7 @@ def _submit(args: argparse.Namespace) -> int:
             if time.monotonic() > deadline:
                 print(f"qpi-driver submit: job {job_id} not finished after {args.timeout}s",
                       file=sys.stderr)
-                return 75  # EX_TEMPFAIL
+                return EX_TEMPFAIL
             time.sleep(0.05)
             job = _http("GET", f"{base}/api/jobs/{job_id}")
     except (urllib.error.URLError, OSError) as exc:

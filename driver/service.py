@@ -16,6 +16,14 @@ from typing import Any
 import pynng
 
 from driver import __version__, logs
+from driver.exits import (
+    EX_CANTCREAT,
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_NOPERM,
+    EX_SOFTWARE,
+    EX_UNAVAILABLE,
+)
 from driver.intake import Acknowledge, Admit, Answer, Cancel, Decision, Intake, Resend
 from driver.jobs import Limits
 from driver.metrics import HealthServer, Metrics, try_nvml
@@ -33,10 +41,10 @@ from driver.registration import (
 from driver.runner import JobRunner
 from driver.sdnotify import Notifier
 from driver.session import OrchestratorSession
-from driver.settings import EX_CONFIG, ConfigError, Settings
+from driver.settings import ConfigError, Settings
 from driver.status import NodeStatus, announcer
 from driver.store import ResultStore
-from driver.store_repair import EX_DATAERR, describe_open_failure
+from driver.store_repair import describe_open_failure
 from driver.tls import FingerprintMismatch
 from driver.tls_diagnosis import diagnose
 
@@ -44,10 +52,6 @@ FAULT_RETRY_S = 5.0
 PRUNE_EVERY_S = 600.0
 TASK_RESTARTS_PER_MINUTE = 5
 
-EX_UNAVAILABLE = 69  # sysexits.h: the chosen executor cannot run here
-EX_SOFTWARE = 70  # sysexits.h: a part of the daemon kept failing
-EX_CANTCREAT = 73  # sysexits.h: the data directory cannot be written
-EX_NOPERM = 77  # sysexits.h: the orchestrator failed the CA pin
 
 log = logs.get("qpi.driver")
 

@@ -25,8 +25,6 @@ from pydantic_settings import (
 
 from driver.tls import normalise
 
-EX_CONFIG = 78  # sysexits.h: configuration error; systemd units do not restart on it
-
 _config_file: ContextVar[Path | None] = ContextVar("qpi_config_file", default=None)
 # `config check` outside systemd: the token is the unit's credential, absent in a shell.
 _token_elsewhere: ContextVar[bool] = ContextVar("qpi_token_elsewhere", default=False)

@@ -20,8 +20,6 @@ from urllib.parse import quote
 
 import msgpack
 
-EX_DATAERR = 65  # sysexits.h: the input data was incorrect; units do not restart on it
-
 STORE_NAME = "results.sqlite3"
 SQLITE_HEADER = b"SQLite format 3\x00"
 _COLUMNS = "job_id, state, result, started, finished, delivered, acked"

@@ -22,7 +22,8 @@ import pytest
 
 import executors
 from driver.cli import build_parser
-from driver.settings import CREDENTIAL_NAME, EX_CONFIG, Settings
+from driver.exits import EX_CONFIG
+from driver.settings import CREDENTIAL_NAME, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = sorted((ROOT / "systemd").glob("*.service"))
@@ -286,7 +287,7 @@ def _values(entries: list[tuple[str, str, str]], key: str) -> list[str]:
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
 def test_unit_matches_the_daemon(unit: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from driver.service import EX_DATAERR, EX_NOPERM, EX_UNAVAILABLE
+    from driver.exits import EX_DATAERR, EX_NOPERM, EX_UNAVAILABLE
 
     for key in list(os.environ):
         if key.startswith("QPI_"):

@@ -21,6 +21,7 @@ import msgpack
 import pytest
 
 from driver import store_repair
+from driver.exits import EX_DATAERR
 from driver.store import ResultStore
 from tests.conftest import ROOT, daemon_env, start_daemon
 
@@ -274,7 +275,7 @@ async def test_daemon_on_damaged_store_exits_65(tmp_path: Path, damage: str) -> 
         await asyncio.sleep(0.05)
     code = d.stop()
     out = d.output()
-    assert code == store_repair.EX_DATAERR, f"exit {code}:\n{out}"
+    assert code == EX_DATAERR, f"exit {code}:\n{out}"
     assert str(path) in out and "store recover" in out, out
     assert ("not an SQLite database" if damage == "random bytes" else "malformed") in out, out
     assert "Traceback" not in out, out
