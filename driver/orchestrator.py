@@ -16,6 +16,7 @@ from aiohttp import web
 
 from driver import logs
 from driver.nng import AsyncSocket, SocketClosed, bound_port, tls_server, url
+from driver.session import SOCKET_BUFFER
 from driver.settings import is_loopback
 from driver.tls import ServerIdentity, generate_identity
 from driver.wire import (
@@ -165,7 +166,13 @@ class LocalOrchestrator:
         kwargs: dict[str, Any] = {}
         if served is not None:
             kwargs["tls_config"] = tls_server(served.cert_pem, served.key_pem)
-        push, pull = pynng.Push0(**kwargs), pynng.Pull0(**kwargs)
+        # Socket buffers (see driver.session): a dispatch left in the buffer when the
+        # driver goes goes out on its next connection; results are read ahead only where
+        # they are acked (one lost from the buffer in a restart is then resent).
+        push = pynng.Push0(send_buffer_size=SOCKET_BUFFER, **kwargs)
+        pull = pynng.Pull0(**kwargs)
+        if self.acks:
+            pull.recv_buffer_size = SOCKET_BUFFER
         self._push, self._pull = AsyncSocket(push), AsyncSocket(pull)
         self._pipes = 0
         for sock in (self._push, self._pull):

@@ -112,12 +112,30 @@ def encode(envelope: Envelope, fmt: WireFormat) -> bytes:
     return json.dumps(data, separators=(",", ":")).encode()
 
 
-def _depth(value: Any, limit: int, level: int = 1) -> int:
-    """Nesting depth, stopping early past `limit` (JSON/msgpack bound it only loosely)."""
-    if level > limit:
-        return level
-    if isinstance(value, dict):
-        return max((_depth(v, limit, level + 1) for v in value.values()), default=level)
-    if isinstance(value, list):
-        return max((_depth(v, limit, level + 1) for v in value), default=level)
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth (a scalar is 1, `{"a": 1}` is 2), stopping early past `limit`
+    (JSON/msgpack bound it only loosely). Level by level, looking into containers only:
+    a result's counts are hundreds of scalars, and their types are checked in C."""
+    level, layer = 1, [value]
+    while level <= limit:
+        deeper: list[Any] = []
+        nonempty = False
+        for item in layer:
+            if isinstance(item, dict):
+                children: Any = item.values()
+            elif isinstance(item, list):
+                children = item
+            else:
+                continue
+            if not children:
+                continue
+            nonempty = True
+            if any(issubclass(t, (dict, list)) for t in set(map(type, children))):
+                deeper.extend(c for c in children if isinstance(c, (dict, list)))
+        if not nonempty:
+            return level
+        level += 1
+        layer = deeper
+        if not layer:
+            return level
     return level
