@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from executors.aer_noise import NoiseProfile
@@ -139,10 +140,11 @@ class AerExecutor(Executor):
         run_options: dict[str, Any] = {}
         small = max(c.num_qubits for c in circuits) < _SMALL_QUBITS
         if self._threads_unset and small and len(circuits) > 1:
-            # A batch of small circuits is throughput work: Aer's OpenMP threads would
-            # spin-wait for more CPU than they save, taking it from the daemon. A lone
-            # circuit keeps them: there they shorten the job's latency.
-            run_options["max_parallel_threads"] = 1
+            # A batch of small circuits runs side by side, one per core, rather than one
+            # after another on a core each splits no further. The executor process sets
+            # OMP_WAIT_POLICY=PASSIVE: Aer's idle threads sleep instead of spinning on
+            # cores the daemon and the parser need. A lone circuit keeps Aer's default.
+            run_options["max_parallel_experiments"] = 0
         try:
             result = self._sim.run(circuits, shots=shots, memory=memory, **run_options).result()
         except Exception as exc:  # Aer raises AerError, ValueError, RuntimeError, ...
@@ -172,5 +174,6 @@ def _experiment_result(
     )
 
 
+@lru_cache(maxsize=1 << 16)  # a job's counts have up to 2^width keys; the next job's are alike
 def _bits(hex_key: str, width: int) -> str:
     return format(int(hex_key, 16), f"0{width}b") if width else ""
