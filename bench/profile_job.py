@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import pickle
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 
 from bench.traffic import SHOTS, Shape, pick
 from driver import __version__
+from driver import payload as payload_codec
 from driver.jobs import Limits, prepare, read_spec, result_map
 from driver.wire import Envelope, EventType, WireFormat, decode, encode
 from executors.aer import AerExecutor
@@ -33,7 +33,7 @@ STAGES = {
     "decode": "frame decode (wire.decode)",
     "validate": "job validation (jobs.read_spec)",
     "prepare": "parse + admission (jobs.prepare)",
-    "transfer": "to the executor process (pickle)",
+    "transfer": "to the executor process (driver.payload)",
     "run": "run (AerExecutor.run_many)",
     "result": "result map (jobs.result_map)",
     "encode": "result encoding (wire.encode)",
@@ -72,13 +72,13 @@ def profile_one(profile: Profile, job_id: str, payload: dict[str, Any], limits: 
     env = timed(s["decode"], lambda: decode(frame))
     spec = timed(s["validate"], lambda: read_spec(env.payload["payload"], limits))
     job = timed(s["prepare"], lambda: prepare(job_id, spec, limits))
-    # The prepared Job crosses to the executor process pickled, as multiprocessing sends it.
+    # The prepared Job crosses to the executor process as the parser writes it.
     blob = b""
 
     def transfer() -> Any:
         nonlocal blob
-        blob = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
-        return pickle.loads(blob)
+        blob = payload_codec.dumps(job)
+        return payload_codec.loads(blob)
 
     received = timed(s["transfer"], transfer)
     outcome = timed(s["run"], lambda: executor.run_many([received]))[0]
@@ -90,7 +90,7 @@ def profile_one(profile: Profile, job_id: str, payload: dict[str, Any], limits: 
     out = timed(s["encode"], lambda: encode(Envelope(
         EventType.JOB_RESULT, {"job_id": job_id, "results": results}, driver="bench"), fmt))
     if keep:
-        profile.sizes = {"dispatch frame": len(frame), "pickled Job": len(blob),
+        profile.sizes = {"dispatch frame": len(frame), "Job as sent": len(blob),
                          "result frame": len(out)}
 
 

@@ -13,8 +13,9 @@ from executors.base import JobError
 
 @dataclass(frozen=True, slots=True)
 class PreparedJob:
-    """A job whose every circuit was parsed and checked; `payload` is the pickled
-    executor `Job`, passed through the daemon as bytes, unpickled only where it runs."""
+    """A job whose every circuit was parsed and checked; `payload` is the executor
+    `Job` as driver.payload writes it, passed through the daemon as bytes and read
+    only where it runs."""
 
     job_id: str
     payload: bytes
@@ -44,6 +45,14 @@ class Parsed:
 @dataclass(frozen=True, slots=True)
 class RunBatch:
     jobs: list[PreparedJob]
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """Jobs cancelled while their batch waited in the executor's pipe: left out of it if
+    it has not started yet (answered JOB_CANCELLED in its BatchDone)."""
+
+    job_ids: list[str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import multiprocessing.connection
 import os
-import pickle
 import signal
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from driver import logs
+from driver import logs, payload
 from driver.jobs import prepare, result_map
 from driver.messages import (
     BatchDone,
@@ -29,6 +29,7 @@ from driver.messages import (
     Ready,
     RefreshCalibration,
     RunBatch,
+    Skip,
     StartFailed,
     Stop,
 )
@@ -66,6 +67,9 @@ def _executor_main(conn: multiprocessing.connection.Connection, name: str,
                    options: dict[str, Any], version: str) -> None:
     """Executor process: build the executor once, then run batches until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    # OpenMP threads (Aer's) that spin while they wait take the cores from the daemon
+    # and the parser; set before the executor's libraries load.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import executors
 
     try:
@@ -77,35 +81,95 @@ def _executor_main(conn: multiprocessing.connection.Connection, name: str,
                               isinstance(exc, executors.OptionError)))
         return
     conn.send(Ready(caps, executor.calibration(), executor.health()))
-    for message in _messages(conn):
+    _settle()
+    inbox = _Inbox(conn)
+    for message in inbox:
         if isinstance(message, RefreshCalibration):
             conn.send(CalibrationReport(executor.calibration(), executor.health()))
         elif isinstance(message, RunBatch):
             started = time.perf_counter()
-            outcomes = run_batch(executor, name, version, message.jobs)
+            outcomes = run_batch(executor, name, version, message.jobs, inbox.skipped())
             conn.send(BatchDone(outcomes, executor.health(), time.perf_counter() - started))
     executor.close()
 
 
-def run_batch(executor: Any, name: str, version: str, jobs: list[PreparedJob]) -> list[Outcome]:
+class _Inbox:
+    """The executor's messages in order. The daemon sends the next batch while one runs,
+    and may then cancel some of its jobs (Skip): before a batch starts, the Skips
+    already in the pipe are read, and other messages read with them are kept in order."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
+        self._conn = conn
+        self._ahead: deque[Any] = deque()
+        self._skips: set[str] = set()
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            if self._ahead:
+                message = self._ahead.popleft()
+            else:
+                try:
+                    message = self._conn.recv()
+                except EOFError:
+                    return
+            if isinstance(message, Stop):
+                return
+            if isinstance(message, Skip):
+                self._skips.update(message.job_ids)
+                continue
+            yield message
+
+    def skipped(self) -> set[str]:
+        """Jobs cancelled so far. A Skip names jobs of the batch about to start (the
+        daemon sends one only for jobs waiting in the pipe) or, where it came too late,
+        of a batch already run: each is used once."""
+        with contextlib.suppress(EOFError, OSError):
+            while self._conn.poll():
+                message = self._conn.recv()
+                if isinstance(message, Skip):
+                    self._skips.update(message.job_ids)
+                else:
+                    self._ahead.append(message)
+        skipped, self._skips = self._skips, set()
+        return skipped
+
+
+def run_batch(executor: Any, name: str, version: str, jobs: list[PreparedJob],
+              skipped: set[str] | frozenset[str] = frozenset()) -> list[Outcome]:
     """Run prepared jobs together; an executor bug fails its jobs, not the process."""
-    prepared = [pickle.loads(job.payload) for job in jobs]
+    runnable = [job for job in jobs if job.job_id not in skipped]
+    prepared = [payload.loads(job.payload) for job in runnable]
+    results: list[Any] = []
     try:
-        results = executor.run_many(prepared)
+        results = executor.run_many(prepared) if prepared else []
     except Exception as exc:
         err = JobError(ErrorCode.JOB_FAILED,
                        f"executor {name!r} failed: {type(exc).__name__}: {exc}")
-        results = [err] * len(jobs)
-    return [Outcome.failed(job.job_id, res) if isinstance(res, JobError)
-            else Outcome.succeeded(job.job_id, result_map(res, name, version))
-            for job, res in zip(jobs, results, strict=True)]
+        results = [err] * len(runnable)
+    by_id = dict(zip([job.job_id for job in runnable], results, strict=True))
+    cancelled = JobError(ErrorCode.JOB_CANCELLED, "cancelled before it ran")
+    outcomes = []
+    for job in jobs:
+        res = by_id.get(job.job_id, cancelled)
+        outcomes.append(Outcome.failed(job.job_id, res) if isinstance(res, JobError)
+                        else Outcome.succeeded(job.job_id, result_map(res, name, version)))
+    return outcomes
 
 
 def _parser_main(conn: multiprocessing.connection.Connection) -> None:
     """Parser process: parse and check each job in turn, answer in the same order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _settle()
     for message in _messages(conn):
         conn.send(parse_job(message))
+
+
+def _settle() -> None:
+    """After start-up: move what the imports built (Qiskit, Aer: a few hundred thousand
+    objects) out of the garbage collector's sight, so a full collection walks only what
+    the jobs allocate."""
+    gc.collect()
+    gc.freeze()
 
 
 def _messages(conn: multiprocessing.connection.Connection) -> Iterator[Any]:
@@ -132,7 +196,7 @@ def parse_job(message: ParseJob) -> Parsed:
         return Parsed(message.job_id, None, error, time.perf_counter() - started)
     prepared = PreparedJob(
         job_id=message.job_id,
-        payload=pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL),
+        payload=payload.dumps(job),
         experiments=len(job.experiments),
         max_qubits=max(e.circuit.num_qubits for e in job.experiments),
         shots=sum(e.shots for e in job.experiments),
@@ -250,6 +314,7 @@ class ExecutorProcess(ChildProcess):
         self.capabilities: Any = None
         self.calibration: dict[str, Any] | None = None
         self.fault: str | None = None  # the executor's own health report
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="qpi-executor-send")
 
     async def start(self) -> None:
         self._spawn(_executor_main, (self.name, self.options, self.version),
@@ -267,19 +332,38 @@ class ExecutorProcess(ChildProcess):
         self.restarts += 1
         await self.start()
 
-    async def run(self, jobs: list[PreparedJob]) -> BatchDone:
-        self._send(RunBatch(jobs))
+    def submit(self, jobs: list[PreparedJob]) -> None:
+        """Hand over a batch; it runs after those handed over before it, and `done()`
+        answers each in turn. ProcessGone if the process is already dead (then the
+        batch was never seen). Sent from a thread: a batch larger than the pipe's
+        buffer would otherwise hold the event loop until the busy executor reads it."""
+        if self._conn is None or not self.alive:
+            raise ProcessGone(self._death())
+        self._sender.submit(_send_quietly, self._conn, RunBatch(jobs))
+
+    def skip(self, job_ids: list[str]) -> None:
+        """Leave these jobs out of a handed-over batch that has not started yet."""
+        if self._conn is not None:
+            self._sender.submit(_send_quietly, self._conn, Skip(job_ids))
+
+    async def done(self) -> BatchDone:
+        """The next handed-over batch's outcomes, in the order they were handed over."""
         reply = await self._receive()
         assert isinstance(reply, BatchDone)
         self.fault = reply.fault
         return reply
 
     async def refresh_calibration(self) -> dict[str, Any] | None:
+        """Between batches only: no handed-over batch may be outstanding."""
         self._send(RefreshCalibration())
         reply = await self._receive()
         assert isinstance(reply, CalibrationReport)
         self.calibration, self.fault = reply.calibration, reply.fault
         return self.calibration
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        await super().stop(timeout)
+        self._sender.shutdown(wait=False, cancel_futures=True)
 
 
 class CircuitParser(ChildProcess):

@@ -1,15 +1,21 @@
 """The job queue and runner: one ordered structure for every job in hand (waiting to be
-parsed, parsed and ready, running), batching, the executor process, timeouts, cancel
-and crash recovery. The rule that a job never runs twice lives here: a job is marked
-running in the store before the executor sees it, and a crashed batch is answered,
-never re-run."""
+parsed, parsed and ready, handed to the executor, running), batching, the executor
+process, timeouts, cancel and crash recovery. The rule that a job never runs twice
+lives here: a job is marked running in the store before the executor sees it, and a
+crashed batch is answered, never re-run.
+
+The executor is kept fed: while one batch runs, the next already waits in its pipe, so
+it starts the moment the one before ends, not after a round trip through this busy
+process. The executor runs batches strictly in order, which keeps crashes exact: the
+batch that dies is the first without an answer, and the one behind it never started
+(it runs on the fresh executor)."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +37,10 @@ from executors.base import ErrorCode, JobError
 
 PARSE_AHEAD = 64  # jobs handed to the parser before the executor asks for them
 RUNNING_STATUS_AFTER_S = 0.05  # JobStatus "running" only for jobs that last
+PIPELINE = 2  # batches in the executor: the one running and the next, in its pipe
+# The next batch is put together once the running one is this far through its expected
+# time: late enough that the jobs parsed meanwhile join it, early enough to be there.
+STAGE_AT = 0.5
 
 log = logs.get("qpi.runner")
 
@@ -39,6 +49,7 @@ class State(enum.Enum):
     WAITING = "waiting"  # not yet handed to the parser
     PARSING = "parsing"
     READY = "ready"
+    HANDED = "handed"  # in the executor's pipe, behind the running batch
     RUNNING = "running"
 
 
@@ -50,6 +61,21 @@ class Entry:
     prepared: PreparedJob | None = None
     received: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    answered: bool = False  # cancelled while handed over: answered then, not at its end
+
+
+@dataclass(slots=True)
+class Batch:
+    """Jobs handed to the executor together; `started` is when it began to run (when
+    the batch before it ended), 0 while it waits behind one."""
+
+    entries: list[Entry]
+    submitted: bool = True  # False: the executor was found dead before it took it
+    started: float = 0.0
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.job_id for e in self.entries]
 
 
 class JobRunner:
@@ -74,6 +100,13 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._calibration_due = False
         self._stopping = False
+        self._batches: deque[Batch] = deque()  # handed to the executor, oldest (running) first
+        self._stage_open = True  # whether the next batch may be handed over yet
+        self._stage_timer: asyncio.TimerHandle | None = None
+        self._gone = ""  # how the executor was found dead when a batch was handed over
+        # While the executor restarts nothing is handed over: the batches that never
+        # started go to the fresh one first, in their order.
+        self._restarting = False
         self.batch_started = 0.0
         self._seconds_per_job = 0.0  # moving average over batches: bounds a batch's cost
         self.calibrated_at = 0.0
@@ -123,12 +156,22 @@ class JobRunner:
             self._finish([Outcome.failed(reply.job_id, reply.error)])
         else:
             entry.state, entry.prepared = State.READY, reply.prepared
-            self._wake.set()
+            self._stage()
         self._feed_parser()
 
     def cancel(self, job_id: str) -> None:
         entry = self._jobs.get(job_id)
         if entry is None:
+            return
+        if entry.state is State.HANDED:
+            # Left out of its batch if that has not started; if it has (the answer that
+            # it did is on its way), its result is dropped: the job stays cancelled.
+            if not entry.answered:
+                entry.cancelled = entry.answered = True
+                self.executor.skip([job_id])
+                self._finish([Outcome.failed(job_id, JobError(
+                    ErrorCode.JOB_CANCELLED, "cancelled before it ran (next in line at the "
+                    "executor)"))])
             return
         if entry.state is not State.RUNNING:
             del self._jobs[job_id]
@@ -148,15 +191,17 @@ class JobRunner:
 
     async def run(self) -> None:
         """Run ready jobs until stopped; a refresh of the calibration waits for a gap."""
-        while not self._stopping:
-            await self._wake.wait()
-            self._wake.clear()
-            batch = [] if self._stopping else self._next_batch()
-            if batch:
-                await self._run_batch(batch)
-                self._wake.set()  # more may be ready
+        while True:
+            self._stage()
+            if self._batches:
+                await self._complete_head()
+            elif self._stopping:
+                return
             elif self._calibration_due:
                 await self._refresh_calibration()
+            else:
+                await self._wake.wait()
+                self._wake.clear()
 
     def stop_taking_jobs(self) -> None:
         self._stopping = True
@@ -181,8 +226,27 @@ class JobRunner:
             batch.append(entry)
         return batch
 
-    async def _run_batch(self, batch: list[Entry]) -> None:
-        ids = [e.job_id for e in batch]
+    # -- handing batches over ----------------------------------------------------------------
+
+    def _stage(self) -> None:
+        """Hand the executor the next batch: at once when it has none, or, behind the
+        one running, once that is STAGE_AT through its expected time."""
+        while (len(self._batches) < PIPELINE and not self._stopping and not self._restarting
+               and not self._calibration_due and (not self._batches or self._stage_open)):
+            entries = self._next_batch()
+            if not entries:
+                return
+            if not self._mark_running(entries):
+                continue
+            batch = Batch(entries)
+            for entry in entries:
+                entry.state = State.HANDED
+            self._batches.append(batch)
+            self._submit(batch)
+            self._wake.set()
+
+    def _mark_running(self, entries: list[Entry]) -> bool:
+        ids = [e.job_id for e in entries]
         try:
             self._store.mark_running(ids)
         except StoreUnavailable as exc:
@@ -197,67 +261,154 @@ class JobRunner:
                                f"job durably ({exc.reason}); it was not run. Retry later.")
             self._finish([Outcome.failed(job_id, refusal) for job_id in ids])
             self._changed(False)
-            return
-        self.batch_started = time.monotonic()
-        for entry in batch:
-            entry.state = State.RUNNING
-            self._metrics.queue_wait.observe(self.batch_started - entry.received)
-        self._changed(False)
-        announce = asyncio.get_running_loop().call_later(
-            RUNNING_STATUS_AFTER_S, self._announce_running, ids)
+            return False
+        return True
+
+    def _submit(self, batch: Batch) -> None:
         try:
-            outcomes = await self._execute(batch)
+            self.executor.submit([e.prepared for e in batch.entries if e.prepared is not None])
+            batch.submitted = True
+        except ProcessGone as exc:
+            batch.submitted = False
+            self._gone = exc.reason
+
+    def _begin(self, batch: Batch) -> None:
+        """The batch at the head starts to run: its clock, its JobStatus, and when the
+        next one may be put together."""
+        if batch.started:
+            return
+        batch.started = self.batch_started = time.monotonic()
+        for entry in batch.entries:
+            entry.state = State.RUNNING
+            self._metrics.queue_wait.observe(batch.started - entry.received)
+        self._changed(False)
+        if self._stage_timer is not None:
+            self._stage_timer.cancel()
+            self._stage_timer = None
+        expected = self._seconds_per_job * len(batch.entries)
+        self._stage_open = expected <= 0
+        if not self._stage_open:
+            self._stage_timer = asyncio.get_running_loop().call_later(
+                STAGE_AT * expected, self._open_stage)
+
+    def _open_stage(self) -> None:
+        self._stage_timer = None
+        self._stage_open = True
+        self._stage()
+
+    # -- one batch's end ----------------------------------------------------------------------
+
+    async def _complete_head(self) -> None:
+        head = self._batches[0]
+        if not head.submitted:
+            # It died while idle: nothing handed to it ran, so all of it may run now. (The
+            # batches go in order: where the head reached it, a death blames the head.)
+            log.warning("executor died while idle; restarting it", reason=self._gone)
+            if not await self._fresh_executor():
+                return
+        self._begin(head)
+        announce = asyncio.get_running_loop().call_later(
+            RUNNING_STATUS_AFTER_S, self._announce_running, head.ids)
+        try:
+            outcomes = await self._outcomes(head)
         except Exception as exc:  # a bug here must cost this batch, not the runner
-            log.exception("running a batch failed", jobs=ids)
+            log.exception("running a batch failed", jobs=head.ids)
             failed = JobError(ErrorCode.JOB_FAILED, f"the driver failed to run this job: "
                               f"{type(exc).__name__}: {exc!s:.300}")
-            outcomes = [Outcome.failed(job_id, failed) for job_id in ids]
+            outcomes = [Outcome.failed(job_id, failed) for job_id in head.ids]
         announce.cancel()
-        elapsed = time.monotonic() - self.batch_started
+        if self._batches and self._batches[0] is head:
+            self._batches.popleft()
+        if self._batches:
+            self._begin(self._batches[0])  # already running in the executor
+        self._stage()  # before the bookkeeping: the executor is not to wait on it
+        self._account(head, outcomes)
+        if self._calibration_due and not self._batches:
+            await self._refresh_calibration()
+
+    async def _outcomes(self, head: Batch) -> list[Outcome]:
+        own = head.entries[0].spec.timeout_s
+        timeout = min(own, self._settings.job_timeout_s) if own else self._settings.job_timeout_s
+        left = max(0.0, head.started + timeout - time.monotonic())
+        try:
+            done = await asyncio.wait_for(self.executor.done(), left)
+            return done.outcomes
+        except TimeoutError:
+            log.error("job timed out: restarting the executor", jobs=head.ids,
+                      timeout_s=timeout)
+            failure = JobError(ErrorCode.JOB_TIMEOUT,
+                               f"the job ran past its timeout of {timeout:g} s and was stopped")
+            self._batches.popleft()
+            await self._fresh_executor()
+            return [Outcome.failed(job_id, failure) for job_id in head.ids]
+        except ProcessDied as exc:
+            self._batches.popleft()
+            await self._fresh_executor()
+            return [self._crashed(e, exc.reason, len(head.entries)) for e in head.entries]
+
+    async def _fresh_executor(self) -> bool:
+        """Restart the executor and hand it again the batches that never started; when
+        stopping, there is none to restart: they go back to the queue, unmarked."""
+        await self.restart_executor()
+        waiting = [b for b in self._batches if not b.started or not b.submitted]
+        if not self.executor.alive:
+            self._batches.clear()
+            for batch in waiting:
+                self._unstage(batch)
+            return False
+        for batch in list(self._batches):
+            for entry in batch.entries:
+                if entry.answered:  # cancelled while it waited: never to run
+                    self._jobs.pop(entry.job_id, None)
+            batch.entries = [e for e in batch.entries if not e.answered]
+            if batch.entries:
+                self._submit(batch)
+            else:
+                self._batches.remove(batch)
+        return True
+
+    def _unstage(self, batch: Batch) -> None:
+        """Jobs that never reached a live executor, back to ready (a later dispatch of
+        them may run), or answered if cancelled meanwhile."""
+        for entry in batch.entries:
+            if entry.answered:
+                self._jobs.pop(entry.job_id, None)
+            else:
+                entry.state = State.READY
+        try:
+            self._store.unmark_running(batch.ids)
+        except StoreUnavailable as exc:  # they stay marked: a restart answers them failed
+            log.warning("cannot unmark jobs that never ran", reason=exc.reason, jobs=batch.ids)
+
+    def _account(self, head: Batch, outcomes: list[Outcome]) -> None:
+        elapsed = time.monotonic() - head.started
         self._metrics.execution.observe(elapsed)
-        per_job = elapsed / len(batch)
+        per_job = elapsed / len(head.entries)
         self._seconds_per_job = (per_job if not self._seconds_per_job
                                  else 0.8 * self._seconds_per_job + 0.2 * per_job)
-        for job_id in ids:
-            del self._jobs[job_id]
-        self._finish(outcomes)
-        for entry, outcome in zip(batch, outcomes, strict=True):
+        by_id = {o.job_id: o for o in outcomes}
+        answers = []
+        for entry in head.entries:
+            self._jobs.pop(entry.job_id, None)
+            if entry.answered:
+                continue  # cancelled while handed over: answered then
+            outcome = by_id.get(entry.job_id)
+            if outcome is None:  # a bug; the job is still owed an answer
+                log.error("the executor's answer left out a job", job_id=entry.job_id)
+                outcome = Outcome.failed(entry.job_id, JobError(
+                    ErrorCode.JOB_FAILED, "the driver lost track of this job's result"))
+            answers.append(outcome)
             log.info("job finished", job_id=entry.job_id, ok=outcome.ok,
                      error_code=None if outcome.error is None else outcome.error.code,
                      seconds=round(time.monotonic() - entry.received, 4))
+        self._finish(answers)
         self._changed(False)
-        if self._calibration_due:
-            await self._refresh_calibration()
 
     def _announce_running(self, ids: list[str]) -> None:
         still = [job_id for job_id in ids
                  if (e := self._jobs.get(job_id)) is not None and e.state is State.RUNNING]
         if still:
             self._announce(still)
-
-    async def _execute(self, batch: list[Entry]) -> list[Outcome]:
-        own = batch[0].spec.timeout_s
-        timeout = min(own, self._settings.job_timeout_s) if own else self._settings.job_timeout_s
-        jobs = [e.prepared for e in batch if e.prepared is not None]
-        try:
-            try:
-                done = await asyncio.wait_for(self.executor.run(jobs), timeout)
-            except ProcessGone as exc:
-                # It died while idle: nothing of this batch ran, so it may run now.
-                log.warning("executor died while idle; restarting it", reason=exc.reason)
-                await self.restart_executor()
-                done = await asyncio.wait_for(self.executor.run(jobs), timeout)
-            return done.outcomes
-        except TimeoutError:
-            log.error("job timed out: restarting the executor", jobs=[e.job_id for e in batch],
-                      timeout_s=timeout)
-            failure = JobError(ErrorCode.JOB_TIMEOUT,
-                               f"the job ran past its timeout of {timeout:g} s and was stopped")
-            await self.restart_executor()
-            return [Outcome.failed(e.job_id, failure) for e in batch]
-        except ProcessDied as exc:
-            await self.restart_executor()
-            return [self._crashed(e, exc.reason, len(batch)) for e in batch]
 
     @staticmethod
     def _crashed(entry: Entry, reason: str, size: int) -> Outcome:
@@ -275,16 +426,20 @@ class JobRunner:
         self._problems["executor"] = "executor restarting"
         self._changed(False)
         self._metrics.worker_restarts.inc()
-        while not self._stopping:
-            try:
-                await self.executor.restart()
-            except (StartFailedError, ProcessDied) as exc:
-                log.error("executor failed to restart; retrying", reason=str(exc))
-                await asyncio.sleep(1.0)
-                continue
-            log.info("executor restarted", pid=self.executor.pid,
-                     restarts=self.executor.restarts)
-            break
+        self._restarting = True
+        try:
+            while not self._stopping:
+                try:
+                    await self.executor.restart()
+                except (StartFailedError, ProcessDied) as exc:
+                    log.error("executor failed to restart; retrying", reason=str(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                log.info("executor restarted", pid=self.executor.pid,
+                         restarts=self.executor.restarts)
+                break
+        finally:
+            self._restarting = False
         self._problems.pop("executor", None)
         self._changed(False)
 
@@ -303,12 +458,12 @@ class JobRunner:
         """Let the running batch finish within `timeout`; then stop it."""
         self.stop_taking_jobs()
         deadline = time.monotonic() + timeout
-        while self.running and time.monotonic() < deadline:
+        while self._batches and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if self.running:
+        if self._batches:
             log.warning("drain timeout: stopping the running job", jobs=self.running)
             self.executor.kill()
-            while self.running and time.monotonic() < deadline + 5:
+            while self._batches and time.monotonic() < deadline + 5:
                 await asyncio.sleep(0.02)
 
     async def stop(self) -> None:

@@ -101,6 +101,12 @@ class ResultStore:
         self._write([("INSERT OR IGNORE INTO jobs (job_id, state, started) "
                       "VALUES (?, 'running', ?)", [(job_id, now) for job_id in job_ids])])
 
+    def unmark_running(self, job_ids: Iterable[str]) -> None:
+        """Jobs marked running that never reached the executor (it stopped first): a
+        later dispatch of them may run."""
+        self._write([("DELETE FROM jobs WHERE job_id=? AND state='running'",
+                      [(job_id,) for job_id in job_ids])])
+
     def finish(self, outcomes: Iterable[Outcome], delivered: Iterable[str] = ()) -> list[Outcome]:
         """Store outcomes (and, in the same transaction, earlier deliveries); returns them
         as stored, made encodable where they were not. StoreUnavailable if not written."""

@@ -17,13 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qiskit import ClassicalRegister, QuantumCircuit, QuantumRegister, qasm3
-from qiskit.circuit import Barrier, Gate, ParameterExpression
+from qiskit.circuit import Barrier, Gate, Parameter, ParameterExpression, Qubit
 from qiskit.circuit.library import UGate
 from qiskit.circuit.tools import pi_check
 from qiskit.exceptions import ExperimentalWarning
 from qiskit.quantum_info import Operator
 
 from bench.parse import CorpusCircuit, corpus
+from driver import payload
 from driver.orchestrator import LocalOrchestrator
 from executors.aer import AerExecutor
 from executors.base import Experiment, Job
@@ -551,3 +552,50 @@ def test_pi_forms_the_rewrite_knows_evaluate_left_to_right() -> None:
     assert path == "native"
     assert fast.data[0].operation.params[0] == (n * math.pi) / d
     assert describe(fast) == describe(full)
+
+
+# -- shared gates, and the way a parsed job reaches the executor ---------------------------
+
+
+def test_repeated_gates_share_one_object_and_keep_their_exact_angles() -> None:
+    text = HEADER + ("qubit[2] q;\nrz(0.5) q[0];\nrz(0.5) q[1];\nrz(0.0) q[0];\nrz(-0.0) q[1];\n"
+                     "h q[0];\nh q[1];\n")
+    fast, path, full = both_ways(text)
+    assert path == "native"
+    assert_identical(fast, full)
+    ops = [instruction.operation for instruction in fast.data]
+    assert ops[0] is ops[1] and ops[4] is ops[5]
+    assert ops[2] is not ops[3]  # 0.0 == -0.0, but they are different angles
+    assert [exact(op.params[0]) for op in ops[2:4]] == [exact(0.0), exact(-0.0)]
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[case.name for case in CORPUS])
+def test_a_parsed_circuit_reaches_the_executor_unchanged(case: CorpusCircuit) -> None:
+    circuit = parse_qasm(case.text)
+    job = Job("job", (Experiment(circuit, shots=100, source=case.text),))
+    back = payload.loads(payload.dumps(job))
+    assert back.job_id == "job" and back.experiments[0].source == case.text
+    arrived = back.experiments[0].circuit
+    assert describe(arrived) == describe(circuit)
+    assert arrived.name == circuit.name
+    if not circuit.parameters:
+        assert arrived == circuit
+
+
+def test_plain_circuits_travel_flat_and_the_rest_as_they_are() -> None:
+    flat = {case.name for case in CORPUS if payload.flatten(parse_qasm(case.text)) is not None}
+    # What the native importer builds, less programs on hardware qubits (`$n`: a layout)
+    # and on qubits outside registers.
+    plain = {case.name for case in CORPUS if case.expect == "native"
+             and (circuit := parse_qasm(case.text)).layout is None
+             and sum(register.size for register in circuit.qregs) == circuit.num_qubits}
+    assert len(plain) >= 10 and plain <= flat, sorted(plain - flat)
+    with_parameters = QuantumCircuit(1)
+    with_parameters.rx(Parameter("t"), 0)
+    assert payload.flatten(with_parameters) is None
+    assert payload.flatten(QuantumCircuit([Qubit()])) is None  # a bit in no register
+    laid_out = parse_qasm(HEADER + "U(0.1, 0.2, 0.3) $1;\n")
+    assert laid_out.layout is not None and payload.flatten(laid_out) is None
+    for circuit in (with_parameters, laid_out):  # pickled as they are, and unchanged
+        back = payload.loads(payload.dumps(circuit))
+        assert describe(back) == describe(circuit)

@@ -151,6 +151,34 @@ async def test_cancel_queued_and_running_jobs(tmp_path: Path, orch: LocalOrchest
     assert queued.id not in executions(tmp_path)
 
 
+async def test_cancel_a_job_waiting_in_the_executors_pipe(
+    tmp_path: Path, orch: LocalOrchestrator
+) -> None:
+    """While one batch runs, the next waits in the executor's pipe; cancelling a job of
+    it leaves it out (it never runs) and does not disturb the running one."""
+    d = await counting_daemon(tmp_path, orch)
+    try:
+        first = orch.submit({"circuits": [marked("sleep 3")]})
+        await wait_for(lambda: first.id in executions(tmp_path), what="the first job to start")
+        handed = orch.submit({"circuits": [BELL]})
+        await wait_for(lambda: handed.dispatches == 1, what="dispatch")
+        await asyncio.sleep(1.0)  # parsed in milliseconds, then handed over at once
+        await orch.send_event(EventType.JOB_CANCEL, {"job_id": handed.id})
+        await orch.result(handed.id, timeout=60)
+        assert handed.status == "cancelled", handed.results
+        assert handed.results is not None
+        assert "before it ran" in handed.results["error"], handed.results
+        assert first.status != "completed"  # answered while the first still runs
+        await orch.result(first.id, timeout=60)
+        assert first.status == "completed", first.results
+        ok = await run_job(orch, {"circuits": [BELL], "shots": 8})
+        assert ok["success"] is True
+    finally:
+        assert d.stop() == 0, d.output()
+    assert handed.id not in executions(tmp_path)
+    assert executions(tmp_path).count(first.id) == 1
+
+
 async def test_disabled_qpu_refuses_jobs_until_enabled(
     tmp_path: Path, orch: LocalOrchestrator
 ) -> None:
