@@ -139,9 +139,8 @@ def run_batch(executor: Any, name: str, version: str, jobs: list[PreparedJob],
     """Run prepared jobs together; an executor bug fails its jobs, not the process."""
     runnable = [job for job in jobs if job.job_id not in skipped]
     prepared = [payload.loads(job.payload) for job in runnable]
-    results: list[Any] = []
     try:
-        results = executor.run_many(prepared) if prepared else []
+        results: list[Any] = executor.run_many(prepared) if prepared else []
     except Exception as exc:
         err = JobError(ErrorCode.JOB_FAILED,
                        f"executor {name!r} failed: {type(exc).__name__}: {exc}")
