@@ -78,7 +78,7 @@ def profile_one(profile: Profile, job_id: str, payload: dict[str, Any], limits: 
     def transfer() -> Any:
         nonlocal blob
         blob = payload_codec.dumps(job)
-        return payload_codec.loads(blob)
+        return payload_codec.loads(blob, executor.takes_flat_circuits)
 
     received = timed(s["transfer"], transfer)
     outcome = timed(s["run"], lambda: executor.run_many([received]))[0]

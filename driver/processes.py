@@ -138,7 +138,8 @@ def run_batch(executor: Any, name: str, version: str, jobs: list[PreparedJob],
               skipped: set[str] | frozenset[str] = frozenset()) -> list[Outcome]:
     """Run prepared jobs together; an executor bug fails its jobs, not the process."""
     runnable = [job for job in jobs if job.job_id not in skipped]
-    prepared = [payload.loads(job.payload) for job in runnable]
+    flat = bool(getattr(executor, "takes_flat_circuits", False))
+    prepared = [payload.loads(job.payload, flat) for job in runnable]
     try:
         results: list[Any] = executor.run_many(prepared) if prepared else []
     except Exception as exc:

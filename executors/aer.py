@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from executors.aer_native import NativeRunner, Raw
 from executors.aer_noise import NoiseProfile
 from executors.base import (
     Capabilities,
@@ -40,6 +41,7 @@ class AerExecutor(Executor):
     twin of that QPU, on its native gates and coupling map, with at most its qubits)."""
 
     name = "aer"
+    takes_flat_circuits = True
     OPTIONS = frozenset({"method", "seed", "precision", "max_qubits", "max_shots",
                          "max_parallel_threads", "noise_calibration"})
 
@@ -67,6 +69,8 @@ class AerExecutor(Executor):
                           else self._sim.configuration().n_qubits)
         self._max_qubits = int(opts.get("max_qubits", default_qubits))
         self._max_shots = int(opts.get("max_shots", 1_000_000))
+        # A noisy twin runs each circuit in its QPU's native form: the standard path.
+        self._native = NativeRunner(self._sim) if self._noise is None else None
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
@@ -112,10 +116,23 @@ class AerExecutor(Executor):
         slots: list[list[ExperimentResult | None]] = [[None] * len(j.experiments) for j in jobs]
         started = time.perf_counter()
         for (shots, memory), members in groups.items():
-            circuits = [self._runnable_form(exp.circuit) for _, _, exp in members]
-            results = self._execute(circuits, shots, memory)
-            for (j, e, exp), data in zip(members, results, strict=True):
-                slots[j][e] = _experiment_result(exp.circuit, shots, memory, data)
+            lowered = [self._lower(exp) for _, _, exp in members]
+            direct = [(m, a) for m, a in zip(members, lowered, strict=True) if a is not None]
+            rest = [m for m, a in zip(members, lowered, strict=True) if a is None]
+            if direct:
+                flats = [exp.flat for (_, _, exp), _ in direct]
+                raws = self._run_native([a for _, a in direct], flats, shots, memory)
+                for ((j, e, _), _), flat, raw in zip(direct, flats, raws, strict=True):
+                    assert flat is not None
+                    slots[j][e] = _experiment_result(circuit_header(flat), flat.num_clbits,
+                                                     shots, memory, raw)
+            if rest:
+                circuits = [self._runnable_form(exp.circuit) for _, _, exp in rest]
+                raws = self._execute(circuits, shots, memory)
+                for (j, e, exp), raw in zip(rest, raws, strict=True):
+                    circuit = exp.circuit
+                    slots[j][e] = _experiment_result(circuit_header(circuit), circuit.num_clbits,
+                                                     shots, memory, raw)
         elapsed = time.perf_counter() - started
         return [
             JobResult(
@@ -126,54 +143,107 @@ class AerExecutor(Executor):
             for row in slots
         ]
 
+    def _lower(self, exp: Experiment) -> Any | None:
+        """Aer's own circuit for a plain circuit that crossed flat, or None: then the
+        standard path (`AerSimulator.run`) runs it."""
+        flat = exp.flat
+        if self._native is None or flat is None:
+            return None
+        return self._native.lower(flat)
+
     def _runnable_form(self, circuit: QuantumCircuit) -> QuantumCircuit:
         if self._noise is not None:  # a twin runs what the QPU would, SWAPs included
             return self._noise.native_form(circuit)
+        ops = _operations(circuit)
+        mistaken = {name for name, op in ops.items()
+                    if name in self._runnable and _defined_in_program(op)}
+        if mistaken:  # expanded by their definitions; transpile() would keep them
+            circuit = circuit.decompose(gates_to_decompose=sorted(mistaken))
+            ops = _operations(circuit)
         # transpile() costs 100-200 ms; Aer runs standard gates as they are.
-        if all(name in self._runnable for name in circuit.count_ops()):
+        if all(name in self._runnable for name in ops):
             return circuit
         from qiskit import transpile
 
         return transpile(circuit, self._sim, optimization_level=0)
 
-    def _execute(self, circuits: list[QuantumCircuit], shots: int, memory: bool) -> list[Any]:
-        run_options: dict[str, Any] = {}
-        small = max(c.num_qubits for c in circuits) < _SMALL_QUBITS
-        if self._threads_unset and small and len(circuits) > 1:
+    def _run_options(self, widths: Sequence[int], shots: int, memory: bool) -> dict[str, Any]:
+        options: dict[str, Any] = {"shots": shots, "memory": memory}
+        if self._threads_unset and max(widths) < _SMALL_QUBITS and len(widths) > 1:
             # A batch of small circuits runs side by side, one per core, rather than one
             # after another on a core each splits no further. The executor process sets
             # OMP_WAIT_POLICY=PASSIVE: Aer's idle threads sleep instead of spinning on
             # cores the daemon and the parser need. A lone circuit keeps Aer's default.
-            run_options["max_parallel_experiments"] = 0
+            options["max_parallel_experiments"] = 0
+        return options
+
+    def _run_native(self, circuits: list[Any], flats: list[Any], shots: int,
+                    memory: bool) -> list[Raw]:
+        assert self._native is not None
+        options = self._run_options([f.num_qubits for f in flats], shots, memory)
         try:
-            result = self._sim.run(circuits, shots=shots, memory=memory, **run_options).result()
+            return self._native.run(circuits, flats, options)
+        except JobError:
+            raise
+        except Exception as exc:  # the controller raises RuntimeError, ValueError, ...
+            raise JobError(ErrorCode.JOB_FAILED, f"Aer could not run the job: {exc}") from exc
+
+    def _execute(self, circuits: list[QuantumCircuit], shots: int, memory: bool) -> list[Raw]:
+        options = self._run_options([c.num_qubits for c in circuits], shots, memory)
+        try:
+            result = self._sim.run(circuits, **options).result()
         except Exception as exc:  # Aer raises AerError, ValueError, RuntimeError, ...
             raise JobError(ErrorCode.JOB_FAILED, f"Aer could not run the job: {exc}") from exc
         out = []
         for exp in result.results:
             if not exp.success:
                 raise JobError(ErrorCode.JOB_FAILED, f"Aer failed an experiment: {exp.status}")
-            out.append(exp)
+            raw = exp.data
+            out.append(Raw(getattr(raw, "counts", None) or {}, getattr(raw, "memory", None),
+                           float(getattr(exp, "time_taken", 0.0) or 0.0)))
         return out
 
 
-def _experiment_result(
-    circuit: QuantumCircuit, shots: int, memory: bool, data: Any
-) -> ExperimentResult:
-    width = circuit.num_clbits
-    raw = data.data
-    counts_hex: dict[str, int] = getattr(raw, "counts", None) or {}
-    counts = {_bits(key, width): int(n) for key, n in counts_hex.items()}
-    mem = [_bits(key, width) for key in raw.memory] if memory and hasattr(raw, "memory") else None
-    return ExperimentResult(
-        counts=counts,
-        shots=shots,
-        header=circuit_header(circuit),
-        memory=mem,
-        time_taken=float(getattr(data, "time_taken", 0.0) or 0.0),
-    )
+def _operations(circuit: QuantumCircuit) -> dict[str, Any]:
+    """One operation per name."""
+    return {instruction.operation.name: instruction.operation for instruction in circuit.data}
 
 
-@lru_cache(maxsize=1 << 16)  # a job's counts have up to 2^width keys; the next job's are alike
-def _bits(hex_key: str, width: int) -> str:
-    return format(int(hex_key, 16), f"0{width}b") if width else ""
+def _defined_in_program(op: Any) -> bool:
+    """A gate the OpenQASM program defined itself. Its name can be one Aer reads as its
+    own instruction: qasm3.dumps writes a UnitaryGate as `gate unitary ...`, which Aer
+    would take for a matrix it lacks."""
+    from qiskit.circuit import Gate
+
+    return type(op) is Gate and op.definition is not None
+
+
+def _experiment_result(header: dict[str, Any], width: int, shots: int, memory: bool,
+                       raw: Raw) -> ExperimentResult:
+    bits = _bits_of_width(width)
+    counts = {bits[key]: n for key, n in raw.counts.items()}
+    mem = [bits[key] for key in raw.memory] if memory and raw.memory is not None else None
+    return ExperimentResult(counts=counts, shots=shots, header=header, memory=mem,
+                            time_taken=raw.time_taken)
+
+
+class _Bits(dict[str, str]):
+    """Aer's hex keys as Qiskit bit strings of one width, each worked out once: the next
+    job's counts have mostly the same keys."""
+
+    LIMIT = 1 << 16
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def __missing__(self, hex_key: str) -> str:
+        bits = format(int(hex_key, 16), f"0{self.width}b") if self.width else ""
+        if len(self) < self.LIMIT:
+            self[hex_key] = bits
+        return bits
+
+
+@lru_cache(maxsize=64)
+def _bits_of_width(width: int) -> _Bits:
+    return _Bits(width)

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from executors.flat import FlatCircuit
+
 if TYPE_CHECKING:
     from qiskit.circuit import QuantumCircuit
 
@@ -44,19 +46,53 @@ def _job_error(code: str, message: str, details: dict[str, Any]) -> JobError:
     return JobError(code, message, **details)
 
 
-@dataclass(frozen=True, slots=True)
 class Experiment:
     """One circuit with its parameters bound: the unit an executor runs.
 
     `circuit` is the parsed, bound Qiskit circuit; `source` the OpenQASM text it
-    came from (for executors that compile from text themselves).
+    came from (for executors that compile from text themselves). An executor with
+    `takes_flat_circuits` receives plain circuits as `flat` (executors.flat) and may
+    run them from there; `circuit` is then built on first use.
     """
 
-    circuit: QuantumCircuit
-    shots: int
-    memory: bool = False
-    source: str = ""
-    parameter_values: tuple[float, ...] = ()
+    __slots__ = ("_form", "memory", "parameter_values", "shots", "source")
+
+    def __init__(self, circuit: QuantumCircuit | FlatCircuit, shots: int, memory: bool = False,
+                 source: str = "", parameter_values: tuple[float, ...] = ()) -> None:
+        self._form = circuit
+        self.shots = shots
+        self.memory = memory
+        self.source = source
+        self.parameter_values = parameter_values
+
+    @property
+    def circuit(self) -> QuantumCircuit:
+        form = self._form
+        if isinstance(form, FlatCircuit):
+            form = self._form = form.to_circuit()
+        return form
+
+    @property
+    def flat(self) -> FlatCircuit | None:
+        """The circuit as it crossed, where it crossed flat and was not built since."""
+        return self._form if isinstance(self._form, FlatCircuit) else None
+
+    def __reduce__(self) -> Any:
+        return Experiment, (self._form, self.shots, self.memory, self.source,
+                            self.parameter_values)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Experiment):
+            return NotImplemented
+        return ((self.circuit, self.shots, self.memory, self.source, self.parameter_values)
+                == (other.circuit, other.shots, other.memory, other.source,
+                    other.parameter_values))
+
+    __hash__ = None  # type: ignore[assignment]  # equal circuits need not hash alike
+
+    def __repr__(self) -> str:
+        return (f"Experiment(circuit={self._form!r}, shots={self.shots}, memory={self.memory}, "
+                f"source={self.source[:40]!r}, parameter_values={self.parameter_values})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +167,7 @@ class Capabilities:
         }
 
 
-def circuit_header(circuit: QuantumCircuit) -> dict[str, Any]:
+def circuit_header(circuit: QuantumCircuit | FlatCircuit) -> dict[str, Any]:
     """The Qiskit result header a `Result` reader needs to split bitstrings."""
     return {
         "name": circuit.name,
@@ -161,6 +197,9 @@ class Executor(abc.ABC):
     # Every option the executor reads; any other name is refused here, the same way for
     # every executor, so a misspelt option is an error instead of silently ignored.
     OPTIONS: ClassVar[frozenset[str]] = frozenset()
+    # True: the daemon hands over plain circuits flat (Experiment.flat) instead of
+    # building a QuantumCircuit for each; Experiment.circuit still builds one on demand.
+    takes_flat_circuits: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})
