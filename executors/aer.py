@@ -171,9 +171,9 @@ class AerExecutor(Executor):
         options: dict[str, Any] = {"shots": shots, "memory": memory}
         if self._threads_unset and max(widths) < _SMALL_QUBITS and len(widths) > 1:
             # A batch of small circuits runs side by side, one per core, rather than one
-            # after another on a core each splits no further. The executor process sets
-            # OMP_WAIT_POLICY=PASSIVE: Aer's idle threads sleep instead of spinning on
-            # cores the daemon and the parser need. A lone circuit keeps Aer's default.
+            # after another on a core each splits no further. The executor process keeps
+            # Aer's idle threads' spin short, so they give the cores back to the daemon
+            # and the parser between batches. A lone circuit keeps Aer's default.
             options["max_parallel_experiments"] = 0
         return options
 
