@@ -229,9 +229,10 @@ def _experiment_result(header: dict[str, Any], width: int, shots: int, memory: b
 
 class _Bits(dict[str, str]):
     """Aer's hex keys as Qiskit bit strings of one width, each worked out once: the next
-    job's counts have mostly the same keys."""
+    job's counts have mostly the same keys. At most LIMIT kept per width, and four widths
+    at a time: 64k strings in all, as the lru_cache this replaced."""
 
-    LIMIT = 1 << 16
+    LIMIT = 1 << 14
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -244,6 +245,6 @@ class _Bits(dict[str, str]):
         return bits
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=4)
 def _bits_of_width(width: int) -> _Bits:
     return _Bits(width)
