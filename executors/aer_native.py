@@ -27,7 +27,7 @@ _GATES = frozenset({
     "cu", "cu1", "cu2", "cu3", "crx", "cry", "crz",
 })
 
-_MEASURE, _RESET, _GATE = 0, 1, 2
+_DROP, _MEASURE, _RESET, _GATE = -1, 0, 1, 2
 
 
 class Raw:
@@ -87,7 +87,7 @@ class NativeRunner:
             return None
         name = op.name
         if name == "barrier":
-            return (-1,)
+            return (_DROP,)
         if name == "measure":
             return (_MEASURE,)
         if name == "reset":
