@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from executors.aer_native import NativeRunner, Raw
 from executors.aer_noise import NoiseProfile
 from executors.base import (
@@ -25,6 +27,8 @@ from executors.base import (
 
 if TYPE_CHECKING:
     from qiskit.circuit import QuantumCircuit
+
+log = structlog.get_logger("qpi.executor.aer")
 
 # Below Aer's statevector_parallel_threshold a circuit gains nothing from threads.
 _SMALL_QUBITS = 14
@@ -70,7 +74,7 @@ class AerExecutor(Executor):
         self._max_qubits = int(opts.get("max_qubits", default_qubits))
         self._max_shots = int(opts.get("max_shots", 1_000_000))
         # A noisy twin runs each circuit in its QPU's native form: the standard path.
-        self._native = NativeRunner(self._sim) if self._noise is None else None
+        self._native = NativeRunner.for_simulator(self._sim) if self._noise is None else None
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
@@ -122,10 +126,13 @@ class AerExecutor(Executor):
             if direct:
                 flats = [exp.flat for (_, _, exp), _ in direct]
                 raws = self._run_native([a for _, a in direct], flats, shots, memory)
-                for ((j, e, _), _), flat, raw in zip(direct, flats, raws, strict=True):
-                    assert flat is not None
-                    slots[j][e] = _experiment_result(circuit_header(flat), flat.num_clbits,
-                                                     shots, memory, raw)
+                if raws is None:  # this Aer's internals differ: the standard path from now on
+                    rest = members
+                else:
+                    for ((j, e, _), _), flat, raw in zip(direct, flats, raws, strict=True):
+                        assert flat is not None
+                        slots[j][e] = _experiment_result(circuit_header(flat),
+                                                         flat.num_clbits, shots, memory, raw)
             if rest:
                 circuits = [self._runnable_form(exp.circuit) for _, _, exp in rest]
                 raws = self._execute(circuits, shots, memory)
@@ -178,13 +185,20 @@ class AerExecutor(Executor):
         return options
 
     def _run_native(self, circuits: list[Any], flats: list[Any], shots: int,
-                    memory: bool) -> list[Raw]:
+                    memory: bool) -> list[Raw] | None:
+        """The direct path's results; None where it could not call Aer as it expects (an
+        Aer whose internals changed), and then it is off for good."""
         assert self._native is not None
         options = self._run_options([f.num_qubits for f in flats], shots, memory)
         try:
             return self._native.run(circuits, flats, options)
         except JobError:
             raise
+        except (AttributeError, TypeError) as exc:
+            log.warning("Aer's direct path is off: this qiskit-aer does not take it",
+                        error=f"{type(exc).__name__}: {exc}")
+            self._native = None
+            return None
         except Exception as exc:  # the controller raises RuntimeError, ValueError, ...
             raise JobError(ErrorCode.JOB_FAILED, f"Aer could not run the job: {exc}") from exc
 

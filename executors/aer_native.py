@@ -55,6 +55,14 @@ class NativeRunner:
         # there, so it is not taken here.
         self._gates = _GATES & set(sim.configuration().basis_gates)
 
+    @classmethod
+    def for_simulator(cls, sim: Any) -> NativeRunner | None:
+        """None where this qiskit-aer lacks what the direct path calls."""
+        try:
+            return cls(sim)
+        except (ImportError, AttributeError):
+            return None
+
     def lower(self, flat: FlatCircuit) -> Any | None:
         """The AerCircuit Aer would assemble from this circuit, or None."""
         found = [self._step(op) for op in flat.operations]

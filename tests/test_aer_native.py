@@ -186,3 +186,17 @@ def _dumps(circuit: QuantumCircuit) -> str:
     from qiskit import qasm3
 
     return qasm3.dumps(circuit)
+
+
+def test_an_aer_whose_internals_changed_runs_every_circuit_the_standard_way() -> None:
+    executor = AerExecutor({"seed": SEED})
+
+    def changed(*args: object, **kwargs: object) -> None:
+        raise TypeError("generate_aer_config() got an unexpected keyword argument")
+
+    executor._native._config = changed  # type: ignore[union-attr]  # as a later Aer might
+    first, second = crossed(_mid_circuit()), crossed(_mid_circuit())
+    assert_same(executor.run(first), standard(first))
+    assert first.experiments[0].flat is None  # built: the standard path ran it
+    executor.run(second)
+    assert second.experiments[0].flat is None  # and the direct path stays off
