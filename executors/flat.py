@@ -52,17 +52,11 @@ class FlatCircuit:
     def num_clbits(self) -> int:
         return sum(r.size for r in self.cregs)
 
-    def operation_names(self) -> set[str]:
-        return {op.name for op in self.operations}
-
     def __iter__(self) -> Iterator[tuple[Any, tuple[int, ...], tuple[int, ...]]]:
         """(operation, qubit indices, clbit indices) per instruction, in order."""
         operations = self.operations
         for index, qubits, clbits in self.instructions:
             yield operations[index], qubits, clbits
-
-    def __reduce__(self) -> Any:
-        return FlatCircuit, self.state()
 
     def state(self) -> tuple[Any, ...]:
         """The constructor's arguments."""
