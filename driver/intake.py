@@ -71,6 +71,11 @@ class Intake:
         self.limits = Limits(1, 1, 1)
         self.meas_levels: tuple[int, ...] = (2,)
         self.disabled = False
+        # Whether the orchestrator takes a transient refusal as an answer it can act on
+        # (Registration.accepts_refusals). Where it does not, a result with `error` is
+        # final there, so nothing is refused for a reason that passes: the daemon holds
+        # off reading (`full`), and a disabled node keeps what it was sent queued.
+        self.accepts_refusals = True
 
     def decide(self, frame: bytes) -> Decision:
         try:
@@ -131,6 +136,8 @@ class Intake:
 
     def _refusal(self) -> JobError | None:
         """Why the node cannot take any job now, if it cannot; all of these pass."""
+        if not self.accepts_refusals:
+            return None
         if self.disabled:
             return JobError(ErrorCode.QPU_DISABLED, "this QPU is disabled by the "
                             "orchestrator; the job was not run")
@@ -141,6 +148,14 @@ class Intake:
         if waiting >= self._max_queued:
             return JobError(ErrorCode.QUOTA_EXCEEDED, f"the driver's queue is full "
                             f"({self._max_queued} jobs); retry later", queue_depth=waiting)
+        return None
+
+    def full(self) -> str | None:
+        """Why the node cannot take another job now (its queue or store is full), if so."""
+        if self._store.problem is not None:
+            return f"the result store refuses writes ({self._store.problem})"
+        if self._waiting() >= self._max_queued:
+            return f"the queue is full ({self._max_queued} jobs)"
         return None
 
     def _check_meas_level(self, spec: JobSpec) -> None:

@@ -59,6 +59,14 @@ class Metrics:
                                  registry=r)
         self.pending = Gauge("qpi_results_pending_delivery", "Results owed to the orchestrator",
                              registry=r)
+        self.pending_age = Gauge("qpi_results_pending_oldest_seconds",
+                                 "How long the oldest result owed has waited to go out "
+                                 "(0 when none): a backlog behind the orchestrator's rate "
+                                 "limit or a lost connection", registry=r)
+        self.intake_held = Gauge("qpi_intake_held",
+                                 "1 while the node holds off reading dispatches (its queue "
+                                 "or store is full and the orchestrator takes no refusals)",
+                                 registry=r)
         self.duplicates = Counter("qpi_duplicate_dispatches",
                                   "Dispatches of a job already in hand or answered",
                                   registry=r)

@@ -1,13 +1,30 @@
 """The result outbox: every answer the node owes, stored before it is sent (the one
 place that rule lives), handed to the current connection, marked delivered (or kept
 until acknowledged), and resent after a reconnect. When the store cannot be written
-(disk full), answers are kept in memory, still delivered, and written once it can."""
+(disk full), answers are kept in memory, still delivered, and written once it can.
+
+What goes out is what the orchestrator can take: only the event types it announced
+(`Registration.events`; QPI's server handles JobResult alone), at no more events per
+second than it accepts (`Registration.event_rate_limit`, else the `event_rate_limit`
+setting; QPI's server drops the excess without a word). Results wait here, oldest
+first, one per job however often the job is dispatched meanwhile.
+
+Without acknowledgements a result handed to a live pipe counts as delivered: it is
+never sent again on its own. One lost with a connection that dies in that instant is
+recovered by the orchestrator re-dispatching the job (QPI's server does so after its
+job timeout), which is answered from the store; sending it again on reconnect instead
+would make an orchestrator that did get it (and charges every result it accepts)
+charge twice."""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+
+from aiolimiter import AsyncLimiter
 
 from driver import logs
 from driver.metrics import Metrics
@@ -19,6 +36,13 @@ from driver.wire import Envelope, EventType, encode
 
 DELIVERY_MARK_DELAY_S = 0.5  # marks ride along with the next result write, or go this late
 RETRY_STORE_S = 5.0
+# A paced connection sends in bursts of at most a tenth of a second's worth: the
+# orchestrator's own bucket (QPI's holds a second's worth) keeps room for jitter.
+BURST_S = 0.1
+# On a paced connection, with more than this much sending owed, no further batch starts
+# (`backlogged`): running jobs faster than their results can go out only takes the CPU
+# that an orchestrator on the same host needs to keep up with its own rate limit.
+SEND_AHEAD_S = 1.0
 
 log = logs.get("qpi.outbox")
 
@@ -31,6 +55,7 @@ class Outbox:
         self._executor = executor
         self._changed = changed
         self._owed: OrderedDict[str, Outcome] = OrderedDict()  # to send on this connection
+        self._owed_since: dict[str, float] = {}  # monotonic time each became owed
         # Answers the store could not take, in memory until it can (delivered or not:
         # the store is also what answers a duplicate dispatch later).
         self._unstored: OrderedDict[str, Outcome] = OrderedDict()
@@ -40,7 +65,11 @@ class Outbox:
         self._mark_later: asyncio.TimerHandle | None = None
         self._flush = asyncio.Event()
         self.acks = False
+        self._accepted: frozenset[str] = frozenset()  # event types this connection takes
+        self._ahead = float("inf")  # results owed that make the outbox `backlogged`
+        self.on_room: Callable[[], None] = lambda: None  # called when it no longer is
         metrics.pending.set_function(lambda: len(self._owed) + self._unsent_unstored())
+        metrics.pending_age.set_function(self.oldest_owed_s)
 
     def _unsent_unstored(self) -> int:
         return sum(1 for job_id in self._unstored
@@ -49,6 +78,28 @@ class Outbox:
     @property
     def owed(self) -> int:
         return len(self._owed)
+
+    def oldest_owed_s(self) -> float:
+        """How long the oldest result owed has waited to go out (0 when none)."""
+        if not self._owed_since:
+            return 0.0
+        return time.monotonic() - min(self._owed_since.values())
+
+    def _owe(self, outcome: Outcome) -> None:
+        """One pending send per job: a job owed already keeps its place in the queue."""
+        self._owed[outcome.job_id] = outcome
+        self._owed_since.setdefault(outcome.job_id, time.monotonic())
+
+    def _sent(self, job_id: str) -> None:
+        self._owed.pop(job_id, None)
+        self._owed_since.pop(job_id, None)
+        if len(self._owed) < self._ahead <= len(self._owed) + 1:
+            self.on_room()  # just stopped being backlogged
+
+    @property
+    def backlogged(self) -> bool:
+        """More results owed than SEND_AHEAD_S of sending at the connection's pace."""
+        return len(self._owed) >= self._ahead
 
     # -- answers in -------------------------------------------------------------------------
 
@@ -68,23 +119,32 @@ class Outbox:
                 self._unstored[outcome.job_id] = outcome
             self._changed(False)
         for outcome in outcomes:
-            self._owed[outcome.job_id] = outcome
+            self._owe(outcome)
             self._count(outcome)
         self._flush.set()
 
     def answer(self, outcome: Outcome) -> None:
         """A transient refusal (disabled, queue full): sent, counted, not stored, so the
         same job dispatched again later can run."""
-        self._owed[outcome.job_id] = outcome
+        self._owe(outcome)
         self._count(outcome)
         self._flush.set()
 
     def resend(self, outcome: Outcome) -> None:
-        """A duplicate dispatch of a job already answered: the stored answer again."""
-        self._owed[outcome.job_id] = outcome
+        """A dispatch of a job already answered: the stored answer again, once per
+        dispatch (nothing added while the answer still waits to go out)."""
+        self._owe(outcome)
         self._flush.set()
 
+    def takes(self, event_type: str) -> bool:
+        """Whether the current connection's orchestrator handles `event_type`."""
+        return event_type in self._accepted
+
     def event(self, envelope: Envelope) -> None:
+        """A status event (Heartbeat, JobStatus): sent only where the orchestrator
+        announced it handles the type; otherwise not even queued."""
+        if envelope.type not in self._accepted:
+            return
         self._transient.append(envelope)
         self._flush.set()
 
@@ -107,19 +167,26 @@ class Outbox:
 
     # -- one connection ---------------------------------------------------------------------
 
-    def connected(self, acks: bool) -> None:
+    def connected(self, acks: bool, events: frozenset[str]) -> None:
         """Everything owed from before (this run or an earlier one) goes out first."""
         self.acks = acks
+        self._accepted = events
+        self._transient.clear()  # status from before this connection is stale
         for outcome in self._store.undelivered(acks):
-            self._owed.setdefault(outcome.job_id, outcome)
+            if outcome.job_id not in self._owed:
+                self._owe(outcome)
         for job_id, outcome in self._unstored.items():
-            if job_id not in self._unstored_delivered:
-                self._owed.setdefault(job_id, outcome)
+            if job_id not in self._unstored_delivered and job_id not in self._owed:
+                self._owe(outcome)
         self._flush.set()
 
-    async def pump(self, session: OrchestratorSession) -> None:
-        """Send transient events and owed results until the connection closes."""
+    async def pump(self, session: OrchestratorSession, rate: float) -> None:
+        """Send transient events and owed results until the connection closes, at most
+        `rate` events a second (0: as fast as the connection takes them)."""
         fmt, name = session.registration.wire_format, session.registration.name
+        pace = _pacer(rate)
+        self._ahead = max(1.0, math.ceil(rate * SEND_AHEAD_S)) if rate > 0 else float("inf")
+        self.on_room()
         while True:
             await self._flush.wait()
             self._flush.clear()
@@ -127,9 +194,12 @@ class Outbox:
                 while self._transient:
                     env = self._transient.popleft()
                     env.driver = name
+                    await pace()
                     await session.send(encode(env, fmt))
                 for job_id in list(self._owed):
-                    await self._send_result(session, job_id)
+                    if job_id in self._owed:
+                        await pace()
+                        await self._send_result(session, job_id)
             except SocketClosed:
                 return
             if self._delivered and self._mark_later is None:
@@ -148,11 +218,11 @@ class Outbox:
         except (TypeError, ValueError, OverflowError) as exc:
             # The store sanitises results, so this is a bug; never stall the outbox.
             log.error("result cannot be encoded; dropped", job_id=job_id, reason=str(exc))
-            self._owed.pop(job_id, None)
+            self._sent(job_id)
             return
         await session.send(frame)
         # With acks a result stays owed (on disk, or in memory) until its ResultAck.
-        self._owed.pop(job_id, None)
+        self._sent(job_id)
         if not self.acks:
             self._delivered.append(job_id)
             if job_id in self._unstored:
@@ -208,3 +278,16 @@ class Outbox:
 
     def owed_on_disk(self) -> int:
         return len(self._store.undelivered(self.acks)) + self._unsent_unstored()
+
+
+def _pacer(rate: float) -> Callable[[], Awaitable[None]]:
+    """What to await before each send to keep under `rate` events a second."""
+    if rate <= 0:
+        return _now
+    burst = max(1.0, rate * BURST_S)
+    limiter = AsyncLimiter(burst, burst / rate)
+    return limiter.acquire
+
+
+async def _now() -> None:
+    return None

@@ -14,7 +14,7 @@ import aiohttp
 from driver import __version__
 from driver.settings import Settings
 from driver.tls import verify_pinned
-from driver.wire import WIRE_FORMATS, WireFormat
+from driver.wire import WIRE_FORMATS, EventType, WireFormat
 
 
 class RegistrationError(Exception):
@@ -41,7 +41,9 @@ class ProtocolMismatch(RegistrationError):
 
 @dataclass(frozen=True, slots=True)
 class Registration:
-    """The orchestrator's connect reply: where to dial and how to talk."""
+    """The orchestrator's connect reply: where to dial and how to talk. What it does not
+    announce, it is not sent: QPI's server announces none of the extensions, handles only
+    JobResult from a driver, and drops (silently) events beyond its rate limit."""
 
     name: str
     nng_host: str
@@ -51,6 +53,16 @@ class Registration:
     wire_format: WireFormat
     heartbeat_interval_s: float | None
     acks: bool
+    # Event types it handles from a driver: JobResult always; Heartbeat where it announced
+    # `heartbeat_interval_s` or listed it in `events`; JobStatus where listed.
+    events: frozenset[str] = frozenset({EventType.JOB_RESULT})
+    # Events per second it accepts from this driver (`event_rate_limit`; 0: no limit);
+    # None when it does not say, and the driver's own setting applies.
+    event_rate_limit: float | None = None
+    # `accepts_refusals`: it takes a transient refusal (QPU_DISABLED, a full queue or
+    # store) as an answer it can act on. Without it a result with `error` is final, so
+    # the node holds off reading dispatches instead of refusing them.
+    accepts_refusals: bool = False
 
 
 class Registrar:
@@ -159,6 +171,10 @@ class Registrar:
             if fmt not in WIRE_FORMATS:
                 raise ProtocolMismatch(f"orchestrator chose unknown wire_format {fmt!r}")
             interval = reply.get("heartbeat_interval_s")
+            events = {EventType.JOB_RESULT, *_strings(reply.get("events"))}
+            if interval:
+                events.add(EventType.HEARTBEAT)
+            rate = reply.get("event_rate_limit")
             return Registration(
                 name=str(reply.get("name") or self._settings.driver_name),
                 nng_host=str(reply["nng_host"]),
@@ -168,9 +184,18 @@ class Registrar:
                 wire_format=fmt,
                 heartbeat_interval_s=float(interval) if interval else None,
                 acks=bool(reply.get("acks", False)),
+                events=frozenset(events),
+                event_rate_limit=None if rate is None else max(0.0, float(rate)),
+                accepts_refusals=reply.get("accepts_refusals") is True,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolMismatch(f"connect reply lacks or garbles {exc}") from None
+
+
+def _strings(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if isinstance(v, str)]
 
 
 class Backoff:

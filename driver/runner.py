@@ -85,7 +85,7 @@ class JobRunner:
     def __init__(self, settings: Settings, executor: ExecutorProcess, store: ResultStore,
                  metrics: Metrics, finish: Callable[[list[Outcome]], None],
                  announce: Callable[[list[str]], None], changed: Callable[[bool], None],
-                 problems: dict[str, str]) -> None:
+                 problems: dict[str, str], may_run: Callable[[], bool] = lambda: True) -> None:
         self._settings = settings
         self.executor = executor
         self._store = store
@@ -94,6 +94,9 @@ class JobRunner:
         self._announce = announce
         self._changed = changed
         self._problems = problems
+        # False while results wait to go out (a paced connection): jobs already read wait
+        # here instead of running ahead of delivery (see Outbox.backlogged).
+        self._may_run = may_run
         self.limits = Limits(1, 1, 1)
         self.parser = CircuitParser(self._parsed)
         self._jobs: OrderedDict[str, Entry] = OrderedDict()
@@ -110,6 +113,7 @@ class JobRunner:
         self.batch_started = 0.0
         self._seconds_per_job = 0.0  # moving average over batches: bounds a batch's cost
         self.calibrated_at = 0.0
+        self._held = False
 
     # -- what the other parts read ---------------------------------------------------------
 
@@ -124,6 +128,22 @@ class JobRunner:
     @property
     def running(self) -> list[str]:
         return [e.job_id for e in self._jobs.values() if e.state is State.RUNNING]
+
+    @property
+    def held(self) -> bool:
+        """While held (disabled by an orchestrator that takes no refusals), jobs wait in
+        the queue: nothing new is handed to the executor."""
+        return self._held
+
+    @held.setter
+    def held(self, value: bool) -> None:
+        if self._held and not value:
+            self._wake.set()
+        self._held = value
+
+    def wake(self) -> None:
+        """Look again for a batch to hand over (e.g. the outbox has room again)."""
+        self._wake.set()
 
     # -- admission, parsing, cancel --------------------------------------------------------
 
@@ -232,7 +252,8 @@ class JobRunner:
         """Hand the executor the next batch: at once when it has none, or, behind the
         one running, once that is STAGE_AT through its expected time."""
         while (len(self._batches) < PIPELINE and not self._stopping and not self._restarting
-               and not self._calibration_due and (not self._batches or self._stage_open)):
+               and not self._calibration_due and not self._held and self._may_run()
+               and (not self._batches or self._stage_open)):
             entries = self._next_batch()
             if not entries:
                 return

@@ -47,10 +47,12 @@ from driver.store import ResultStore
 from driver.store_repair import describe_open_failure
 from driver.tls import FingerprintMismatch
 from driver.tls_diagnosis import diagnose
+from driver.wire import EventType
 
 FAULT_RETRY_S = 5.0
 PRUNE_EVERY_S = 600.0
 TASK_RESTARTS_PER_MINUTE = 5
+HOLD_POLL_S = 0.02  # while reading is held off: how often to look for room again
 
 
 log = logs.get("qpi.driver")
@@ -139,7 +141,11 @@ class Driver:
                 return EX_NOPERM
             except DriverDisabled as exc:
                 log.warning("driver disabled", reason=str(exc), retry_in_s=exc.retry_after)
-                self.notifier.status("disabled by the orchestrator; retrying slowly")
+                self._p.status.problems["disabled"] = ("disabled by the orchestrator's "
+                                                       "administrator (403)")
+                self._p.status.changed()
+                self.notifier.status("disabled by the orchestrator; retrying every "
+                                     f"{exc.retry_after or 60.0:g} s")
                 await self._retry_in(exc.retry_after or 60.0)
                 continue
             except (OrchestratorDown, ProtocolMismatch, pynng.NNGException) as exc:
@@ -149,6 +155,7 @@ class Driver:
                 continue
             backoff.reset()
             self._p.status.problems.pop("tls", None)
+            self._p.status.problems.pop("disabled", None)
             assert session is not None
             await self._serve_session(session)
         return 0
@@ -254,7 +261,9 @@ class Driver:
         outbox = Outbox(store, self.metrics, self.settings.executor, self._changed)
         problems: dict[str, str] = {}
         runner = JobRunner(self.settings, self.executor, store, self.metrics, outbox.finish,
-                           announcer(outbox), self._changed, problems)
+                           announcer(outbox), self._changed, problems,
+                           may_run=lambda: not outbox.backlogged)
+        outbox.on_room = runner.wake
         status = NodeStatus(self.settings.executor, self.metrics, runner, outbox, store,
                             self.notifier, problems)
         intake = Intake(self.metrics, store, self.settings.max_queued_jobs,
@@ -345,17 +354,25 @@ class Driver:
     async def _serve_session(self, session: OrchestratorSession) -> None:
         reg = session.registration
         self._p.status.session = session
-        self._p.outbox.connected(reg.acks)
+        self._p.outbox.connected(reg.acks, reg.events)
+        self._p.intake.accepts_refusals = reg.accepts_refusals
+        self._p.runner.held = self._p.intake.disabled and not reg.accepts_refusals
+        rate = (reg.event_rate_limit if reg.event_rate_limit is not None
+                else self.settings.event_rate_limit)
         log.info("connected", name=reg.name, host=reg.nng_host, wire_format=reg.wire_format,
-                 tls=reg.ca_pem is not None, results_owed=self._p.outbox.owed)
+                 tls=reg.ca_pem is not None, results_owed=self._p.outbox.owed,
+                 events=sorted(reg.events), events_per_s=rate or None, acks=reg.acks,
+                 refusals=reg.accepts_refusals)
         self._sessions += 1
         if self._sessions > 1:
             self.metrics.reconnects.inc()
         self.metrics.connected.set(1)
-        interval = reg.heartbeat_interval_s or self.settings.heartbeat_interval
         tasks = [asyncio.create_task(self._receive(session), name="receive"),
-                 asyncio.create_task(self._p.outbox.pump(session), name="send"),
-                 asyncio.create_task(self._p.status.heartbeats(interval), name="heartbeat")]
+                 asyncio.create_task(self._p.outbox.pump(session, rate), name="send")]
+        if EventType.HEARTBEAT in reg.events:
+            interval = reg.heartbeat_interval_s or self.settings.heartbeat_interval
+            tasks.append(asyncio.create_task(self._p.status.heartbeats(interval),
+                                             name="heartbeat"))
         (self.notifier.ready if self._sessions == 1 else self.notifier.status)(
             self._p.status.describe())
         stop = asyncio.create_task(self.should_exit.wait())
@@ -378,6 +395,7 @@ class Driver:
             self.notifier.status("disconnected; registering again")
 
     async def _receive(self, session: OrchestratorSession) -> None:
+        refusals = session.registration.accepts_refusals
         async for frame in session.frames():
             if self.should_exit.is_set():
                 return
@@ -385,6 +403,25 @@ class Driver:
                 self._route(self._p.intake.decide(frame))
             except Exception:  # a bug in one handler must not stop the receive loop
                 log.exception("event handler failed", size=len(frame))
+            if not refusals:
+                self._p.runner.held = self._p.intake.disabled
+                await self._room_for_jobs(session)
+
+    async def _room_for_jobs(self, session: OrchestratorSession) -> None:
+        """Backpressure for an orchestrator that takes no refusals: while the queue or the
+        store is full, read nothing (it keeps the jobs, pending, until the node reads)."""
+        reason = self._p.intake.full()
+        if reason is None:
+            return
+        log.info("holding off dispatches", reason=reason)
+        self.metrics.intake_held.set(1)
+        try:
+            while reason is not None and not session.detached.is_set():
+                await asyncio.sleep(HOLD_POLL_S)
+                reason = self._p.intake.full()
+        finally:
+            self.metrics.intake_held.set(0)
+        log.info("reading dispatches again")
 
     def _route(self, decision: Decision) -> None:
         match decision:

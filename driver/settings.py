@@ -65,7 +65,11 @@ class Settings(BaseSettings):
     wire_format: Literal["msgpack", "json"] = Field("msgpack", description="preferred codec")
     connect_timeout_s: float = Field(10.0, gt=0)
     backoff_max_s: float = Field(60.0, gt=0, description="cap of the reconnect backoff")
-    disabled_retry_s: float = Field(60.0, gt=0, description="retry period while disabled (403)")
+    disabled_retry_s: float = Field(5.0, gt=0, description="retry period while disabled (403)")
+    event_rate_limit: float = Field(
+        100.0, ge=0, description="events per second sent to an orchestrator that does not "
+        "announce its own limit (QPI's --event-rate-limit, default 100); 0 = no limit"
+    )
 
     # Executor
     executor: str = Field("aer", description="executor name: aer, gpu or an installed plugin")

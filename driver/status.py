@@ -121,7 +121,7 @@ class NodeStatus:
         }
 
     def beat(self) -> None:
-        if self.session is None:
+        if self.session is None or not self._outbox.takes(EventType.HEARTBEAT):
             return
         self._last = self.status()
         self._outbox.event(Envelope(EventType.HEARTBEAT, self.heartbeat()))

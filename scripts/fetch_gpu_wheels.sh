@@ -38,7 +38,7 @@ device_check_b=(
     "pynng==0.9.0" "sniffio==1.3.1" "cffi==2.1.1" "pycparser==3.12"
     "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0"
     "typing-inspection==0.4.5" "pydantic-settings==2.16.3" "python-dotenv==1.2.4"
-    "structlog==26.1.0" "cryptography==50.0.2" "pytest-asyncio==1.5.0"
+    "structlog==26.1.0" "cryptography==50.0.2" "pytest-asyncio==1.5.0" "aiolimiter==1.3.0"
 )
 
 requirements() {

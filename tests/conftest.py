@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,11 +83,13 @@ def daemon_env(tmp_path: Path, orch: LocalOrchestrator | None, **extra: str) -> 
     return env
 
 
-def start_daemon(tmp_path: Path, env: dict[str, str], *args: str) -> Daemon:
+def start_daemon(tmp_path: Path, env: dict[str, str], *args: str,
+                 prefix: Sequence[str] = ()) -> Daemon:
+    """`prefix` runs the daemon through another command (e.g. `nsenter`)."""
     log_path = tmp_path / f"daemon-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "driver", *args],
+            [*prefix, sys.executable, "-m", "driver", *args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
