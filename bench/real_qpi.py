@@ -89,8 +89,10 @@ def run_against_server(tmp: Path, bodies: Sequence[dict[str, Any]], rate_limit: 
     gen = rig(tmp / "server", event_rate_limit=str(rate_limit))
     r: Rig = next(gen)
     options = json.dumps({"count_file": str(tmp / EXECUTIONS_LOG)})
+    # The server announces no limit: the operator raises the daemon's with the server's.
     env = r.daemon_env(daemon_env(tmp, None, QPI_EXECUTOR=COUNTING,
-                                  QPI_EXECUTOR_OPTIONS=options, **extra_env))
+                                  QPI_EXECUTOR_OPTIONS=options,
+                                  QPI_EVENT_RATE_LIMIT=str(rate_limit), **extra_env))
     daemon = start_daemon(tmp, env, prefix=r.ns.prefix())
     try:
         wait_until(lambda: r.server.driver_record(r.creds.driver_id)["status"] == "online",

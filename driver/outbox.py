@@ -9,12 +9,14 @@ second than it accepts (`Registration.event_rate_limit`, else the `event_rate_li
 setting; QPI's server drops the excess without a word). Results wait here, oldest
 first, one per job however often the job is dispatched meanwhile.
 
-Without acknowledgements a result handed to a live pipe counts as delivered: it is
-never sent again on its own. One lost with a connection that dies in that instant is
-recovered by the orchestrator re-dispatching the job (QPI's server does so after its
-job timeout), which is answered from the store; sending it again on reconnect instead
-would make an orchestrator that did get it (and charges every result it accepts)
-charge twice."""
+Without acknowledgements a result is sent at most once on its own: it is marked
+delivered in the store just before it is handed to the pipe (a few at a time, one
+write), so neither a reconnect nor a restart after a crash sends it again. One lost
+with a connection (or a daemon) that dies in that instant is recovered by the
+orchestrator re-dispatching the job (QPI's server does so after its job timeout), which
+is answered from the store; sending it again instead would make an orchestrator that
+did get it (and charges every result it accepts) charge twice. With acknowledgements a
+result is kept, and resent after a reconnect, until its ResultAck."""
 
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ BURST_S = 0.1
 # (`backlogged`): running jobs faster than their results can go out only takes the CPU
 # that an orchestrator on the same host needs to keep up with its own rate limit.
 SEND_AHEAD_S = 1.0
+MARK_GROUP = 64  # unpaced: results marked delivered in one write before they are sent
 
 log = logs.get("qpi.outbox")
 
@@ -60,6 +63,7 @@ class Outbox:
         # the store is also what answers a duplicate dispatch later).
         self._unstored: OrderedDict[str, Outcome] = OrderedDict()
         self._unstored_delivered: set[str] = set()
+        self._refusals: set[str] = set()  # owed transient refusals: never stored
         self._transient: deque[Envelope] = deque(maxlen=256)  # heartbeats, JobStatus
         self._delivered: list[str] = []  # handed to a pipe, not yet marked in the store
         self._mark_later: asyncio.TimerHandle | None = None
@@ -92,6 +96,7 @@ class Outbox:
 
     def _sent(self, job_id: str) -> None:
         self._owed.pop(job_id, None)
+        self._refusals.discard(job_id)
         self._owed_since.pop(job_id, None)
         if len(self._owed) < self._ahead <= len(self._owed) + 1:
             self.on_room()  # just stopped being backlogged
@@ -106,8 +111,7 @@ class Outbox:
     def finish(self, outcomes: list[Outcome]) -> None:
         """A final answer: made durable first, then sent; counted here, once."""
         try:
-            # Delivery marks ride along with the write: after a crash, a result handed
-            # over but not yet marked is sent once more, which the protocol allows.
+            # Delivery marks the store refused before a send ride along with the write.
             outcomes = self._store.finish(outcomes, delivered=self._delivered)
             self._delivered.clear()
         except StoreUnavailable as exc:
@@ -119,6 +123,7 @@ class Outbox:
                 self._unstored[outcome.job_id] = outcome
             self._changed(False)
         for outcome in outcomes:
+            self._refusals.discard(outcome.job_id)
             self._owe(outcome)
             self._count(outcome)
         self._flush.set()
@@ -127,6 +132,7 @@ class Outbox:
         """A transient refusal (disabled, queue full): sent, counted, not stored, so the
         same job dispatched again later can run."""
         self._owe(outcome)
+        self._refusals.add(outcome.job_id)
         self._count(outcome)
         self._flush.set()
 
@@ -172,8 +178,9 @@ class Outbox:
         self.acks = acks
         self._accepted = events
         self._transient.clear()  # status from before this connection is stale
+        handed = set(self._delivered)  # sent, their marks not yet written
         for outcome in self._store.undelivered(acks):
-            if outcome.job_id not in self._owed:
+            if outcome.job_id not in self._owed and outcome.job_id not in handed:
                 self._owe(outcome)
         for job_id, outcome in self._unstored.items():
             if job_id not in self._unstored_delivered and job_id not in self._owed:
@@ -185,6 +192,8 @@ class Outbox:
         `rate` events a second (0: as fast as the connection takes them)."""
         fmt, name = session.registration.wire_format, session.registration.name
         pace = _pacer(rate)
+        # Results marked delivered together, then sent: what one crash can send no more.
+        group = max(1, int(rate * BURST_S)) if rate > 0 else MARK_GROUP
         self._ahead = max(1.0, math.ceil(rate * SEND_AHEAD_S)) if rate > 0 else float("inf")
         self.on_room()
         while True:
@@ -196,10 +205,13 @@ class Outbox:
                     env.driver = name
                     await pace()
                     await session.send(encode(env, fmt))
-                for job_id in list(self._owed):
-                    if job_id in self._owed:
+                pending = list(self._owed)
+                for start in range(0, len(pending), group):
+                    chunk = [j for j in pending[start:start + group] if j in self._owed]
+                    marked = self._mark_before_sending(chunk)
+                    for job_id in chunk:
                         await pace()
-                        await self._send_result(session, job_id)
+                        await self._send_result(session, job_id, marked)
             except SocketClosed:
                 return
             if self._delivered and self._mark_later is None:
@@ -207,7 +219,24 @@ class Outbox:
                 self._mark_later = asyncio.get_running_loop().call_later(
                     DELIVERY_MARK_DELAY_S, self.mark_delivered)
 
-    async def _send_result(self, session: OrchestratorSession, job_id: str) -> None:
+    def _mark_before_sending(self, job_ids: list[str]) -> bool:
+        """Without acks, mark `job_ids` delivered (with marks still owed) before they go:
+        whether that was written. If not (the store refuses writes), they are marked
+        after sending, as before, and a crash meanwhile may send them once more."""
+        if self.acks:
+            return False
+        stored = [j for j in job_ids if j not in self._refusals and j not in self._unstored]
+        if not stored:
+            return True
+        try:
+            self._store.mark_delivered([*self._delivered, *stored])
+        except StoreUnavailable:
+            return False
+        self._delivered.clear()
+        return True
+
+    async def _send_result(self, session: OrchestratorSession, job_id: str,
+                           marked: bool) -> None:
         outcome = self._owed.get(job_id)
         if outcome is None:
             return
@@ -224,7 +253,8 @@ class Outbox:
         # With acks a result stays owed (on disk, or in memory) until its ResultAck.
         self._sent(job_id)
         if not self.acks:
-            self._delivered.append(job_id)
+            if not marked:
+                self._delivered.append(job_id)
             if job_id in self._unstored:
                 self._unstored_delivered.add(job_id)
 

@@ -16,7 +16,8 @@ from executors.base import Job, JobError, JobResult
 class CountingExecutor(AerExecutor):
     """Aer that appends every job it starts to `count_file` (one line per execution),
     writes its process id to `count_file` + ".pid" when it starts, and misbehaves on
-    request: `// segfault`, `// exit`, `// hang`, `// sleep S`."""
+    request: `// segfault`, `// exit`, `// hang`, `// sleep S`, `// until PATH` (runs
+    until the file PATH exists: a job that lasts exactly as long as a test wants)."""
 
     name = "counting"
     OPTIONS = AerExecutor.OPTIONS | {"count_file"}
@@ -53,6 +54,11 @@ class CountingExecutor(AerExecutor):
             os._exit(3)
         if "// hang" in source:
             time.sleep(3600)
+        marker = source.find("// until ")
+        if marker >= 0:
+            release = source[marker + 9 :].split()[0]
+            while not os.path.exists(release):
+                time.sleep(0.01)
         marker = source.find("// sleep ")
         if marker >= 0:
             time.sleep(float(source[marker + 9 :].split()[0]))

@@ -135,6 +135,16 @@ def build() -> gd.Dashboard:
                   "{{type}} received", "B"),
             query(f"sum(rate(qpi_frames_malformed_total{{{SEL}}}[{RATE}]))", "malformed", "C"),
             width=8))
+        .with_panel(series(
+            "Oldest result owed",
+            "How long the oldest undelivered result has waited: a backlog behind the "
+            "orchestrator's event rate limit, or a lost connection", "s",
+            query(f"qpi_results_pending_oldest_seconds{{{SEL}}}", "{{instance}}")))
+        .with_panel(series(
+            "Dispatches held off",
+            "1 while the node reads no dispatches (queue or store full, to an orchestrator "
+            "that takes no refusals)", "short",
+            query(f"qpi_intake_held{{{SEL}}}", "{{instance}}")))
         .with_row(gd.Row("Executor and GPU"))
         .with_panel(series(
             "Worker restarts", "Executor process restarts (a crash, a hang or a cancel)",
