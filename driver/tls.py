@@ -4,10 +4,11 @@ CA and server certificate generated in memory at start."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import ipaddress
-import ssl
 from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 
 class FingerprintMismatch(Exception):
@@ -15,14 +16,15 @@ class FingerprintMismatch(Exception):
 
 
 def fingerprint_of_pem(pem: str) -> str:
-    """SHA-256 (hex, lower case) over the DER form of a PEM certificate."""
+    """SHA-256 (hex, lower case) over the DER form of a PEM certificate; anything that
+    does not parse as an X.509 certificate is refused."""
     try:
-        der = ssl.PEM_cert_to_DER_cert(pem)
-    except (ValueError, TypeError) as exc:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+    except (ValueError, TypeError, UnicodeError) as exc:
         raise FingerprintMismatch(
-            f"the orchestrator's root CA is not a PEM certificate: {exc}"
+            f"the orchestrator's root CA is not a PEM X.509 certificate: {exc}"
         ) from None
-    return hashlib.sha256(der).hexdigest()
+    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def normalise(fingerprint: str) -> str:
@@ -60,8 +62,6 @@ class CertificateAuthority:
 
     @classmethod
     def generate(cls, common_name: str = "qpi-driver local root CA") -> CertificateAuthority:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
 
@@ -83,8 +83,7 @@ class CertificateAuthority:
 
     def issue(self, names: list[str], common_name: str | None = None) -> ServerIdentity:
         """A server certificate for `names` (DNS names or IP addresses), valid a week."""
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
 

@@ -4,6 +4,9 @@ route, disabled and down orchestrators."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from driver.registration import (
     Registrar,
 )
 from driver.settings import load_settings
-from driver.tls import FingerprintMismatch, generate_identity
+from driver.tls import FingerprintMismatch, fingerprint_of_pem, generate_identity
 from tests.conftest import daemon_env, start_daemon, wait_for
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -142,6 +145,18 @@ async def test_tampered_ca_is_refused(http_app: Serve) -> None:
     url = await http_app({("GET", "/api/pub/root-ca.pem"): root_ca})
     with pytest.raises(FingerprintMismatch):
         await registrar(url, real.ca_fingerprint).connect()
+
+
+def test_fingerprint_is_of_the_certificate_and_anything_else_is_refused() -> None:
+    identity = generate_identity("127.0.0.1")
+    der = ssl.PEM_cert_to_DER_cert(identity.ca_pem)  # the standard library's own reading
+    assert fingerprint_of_pem(identity.ca_pem) == hashlib.sha256(der).hexdigest()
+    # A PEM block that is not a certificate: a key, or a CERTIFICATE block of garbage.
+    garbage = ("-----BEGIN CERTIFICATE-----\n" + base64.b64encode(b"not a cert" * 8).decode()
+               + "\n-----END CERTIFICATE-----\n")
+    for pem in (identity.key_pem, garbage, "", "<html>login page</html>"):
+        with pytest.raises(FingerprintMismatch, match="not a PEM X.509 certificate"):
+            fingerprint_of_pem(pem)
 
 
 def test_backoff_is_capped_and_jittered() -> None:
