@@ -155,7 +155,7 @@ def test_fingerprint_is_of_the_certificate_and_anything_else_is_refused() -> Non
     garbage = ("-----BEGIN CERTIFICATE-----\n" + base64.b64encode(b"not a cert" * 8).decode()
                + "\n-----END CERTIFICATE-----\n")
     for pem in (identity.key_pem, garbage, "", "<html>login page</html>"):
-        with pytest.raises(FingerprintMismatch, match="not a PEM X.509 certificate"):
+        with pytest.raises(FingerprintMismatch, match=r"not a PEM X\.509 certificate"):
             fingerprint_of_pem(pem)
 
 
