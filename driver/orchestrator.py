@@ -345,7 +345,8 @@ class LocalOrchestrator:
             "nng_in_port": self.nng_in_port,
             "nng_out_port": self.nng_out_port,
             "tls_hash": self.ca_fingerprint or "",
-            "auth_token": self.token,
+            # A session token of its own: a secret is never echoed back to its sender.
+            "auth_token": secrets.token_urlsafe(24),
         }
         if not self.extensions:
             return web.json_response(reply)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -98,6 +100,21 @@ async def test_fingerprint_accepts_colons_and_upper_case() -> None:
         session = await registrar(orch.url, pretty, orch.token).connect()
         assert session.ca_pem == (orch.identity.ca_pem if orch.identity else None)
         assert session.nng_in_port == orch.nng_in_port
+    finally:
+        await orch.stop()
+
+
+async def test_standin_connect_reply_does_not_echo_the_access_token() -> None:
+    orch = LocalOrchestrator(port=0)
+    await orch.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{orch.url}/api/op/drivers/connect",
+                                 json={"token": orch.token}) as resp:
+                assert resp.status == 200
+                text = await resp.text()
+        assert orch.token not in text
+        assert json.loads(text)["auth_token"]
     finally:
         await orch.stop()
 
