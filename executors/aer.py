@@ -7,9 +7,10 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import structlog
+from pydantic import NonNegativeInt, PositiveInt
 
 from executors.aer_native import NativeRunner, Raw
 from executors.aer_noise import NoiseProfile
@@ -22,8 +23,10 @@ from executors.base import (
     Job,
     JobError,
     JobResult,
+    OptionError,
     circuit_header,
 )
+from executors.calibration import CalibrationFileError
 
 if TYPE_CHECKING:
     from qiskit.circuit import QuantumCircuit
@@ -46,12 +49,16 @@ class AerExecutor(Executor):
 
     name = "aer"
     takes_flat_circuits = True
-    OPTIONS = frozenset({"method", "seed", "precision", "max_qubits", "max_shots",
-                         "max_parallel_threads", "noise_calibration"})
+    OPTION_TYPES: ClassVar[Mapping[str, Any]] = {
+        "method": str, "seed": NonNegativeInt, "precision": Literal["double", "single"],
+        "max_qubits": PositiveInt, "max_shots": PositiveInt,
+        "max_parallel_threads": NonNegativeInt, "noise_calibration": str,
+    }  # fmt: skip
+    OPTIONS = frozenset(OPTION_TYPES)
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
-        from qiskit_aer import AerSimulator
+        from qiskit_aer import AerError, AerSimulator
 
         opts = self.options
         sim_options: dict[str, Any] = {
@@ -65,9 +72,15 @@ class AerExecutor(Executor):
             sim_options["max_parallel_threads"] = int(opts["max_parallel_threads"])
         self._noise: NoiseProfile | None = None
         if opts.get("noise_calibration"):
-            self._noise = NoiseProfile.load(str(opts["noise_calibration"]))
+            try:
+                self._noise = NoiseProfile.load(str(opts["noise_calibration"]))
+            except CalibrationFileError as exc:
+                raise OptionError(f"option 'noise_calibration' of executor 'aer': {exc}") from None
             sim_options["noise_model"] = self._noise.model
-        self._sim = AerSimulator(**sim_options)
+        try:
+            self._sim = AerSimulator(**sim_options)
+        except AerError as exc:  # the types were checked: a method Aer does not have
+            raise OptionError(f"option 'method' of executor 'aer': {exc}") from None
         self._runnable = frozenset(self._sim.target.operation_names) | _ALWAYS_RUNNABLE
         default_qubits = (self._noise.figures.num_qubits if self._noise is not None
                           else self._sim.configuration().n_qubits)

@@ -201,6 +201,12 @@ class Executor(abc.ABC):
     # building a QuantumCircuit for each; Experiment.circuit still builds one on demand.
     takes_flat_circuits: ClassVar[bool] = False
 
+    # The type of each option's value (int, float, str, a Literal of the values allowed,
+    # pydantic's PositiveInt, ...): checked and converted here, before the executor reads
+    # it (`--executor-option k=v` gives strings), so a bad value is an OptionError that
+    # names the option (exit 78) instead of a ValueError deep in the executor.
+    OPTION_TYPES: ClassVar[Mapping[str, Any]] = {}
+
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})
         unknown = sorted(set(self.options) - self.OPTIONS)
@@ -210,6 +216,23 @@ class Executor(abc.ABC):
                 f"unknown option(s) {', '.join(map(repr, unknown))} for executor "
                 f"{self.name!r}; it knows: {known}"
             )
+        if self.OPTION_TYPES:
+            self._check_option_types()
+
+    def _check_option_types(self) -> None:
+        from pydantic import TypeAdapter, ValidationError
+
+        for key, kind in self.OPTION_TYPES.items():
+            value = self.options.get(key)
+            if value is None:
+                continue
+            try:
+                self.options[key] = TypeAdapter(kind).validate_python(value)
+            except ValidationError as exc:
+                reason = "; ".join(error["msg"] for error in exc.errors())
+                raise OptionError(
+                    f"option {key!r} of executor {self.name!r} cannot be {value!r}: {reason}"
+                ) from None
 
     @abc.abstractmethod
     def run(self, job: Job) -> JobResult:

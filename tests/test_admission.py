@@ -4,11 +4,13 @@ queues (meas_level, executor options) and what a parser crash costs (one job).""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 from pathlib import Path
 
+import pytest
 from qiskit import QuantumCircuit, qasm3
 from qiskit.circuit.library import QFTGate
 
@@ -39,6 +41,26 @@ def test_a_misspelt_executor_option_stops_the_start_with_a_config_error(
     d = start_daemon(tmp_path, env)
     assert d.proc.wait(120) == 78, d.output()
     assert "unknown option(s) 'seeed' for executor 'aer'" in d.output()
+
+
+@pytest.mark.parametrize(("executor", "options", "named"), [
+    ("aer", {"precision": "triple"}, "option 'precision' of executor 'aer'"),
+    ("aer", {"method": "bogus"}, "option 'method' of executor 'aer'"),
+    ("aer", {"max_qubits": "x"}, "option 'max_qubits' of executor 'aer'"),
+    ("aer", {"noise_calibration": "/nonexistent/cal.json"},
+     "option 'noise_calibration' of executor 'aer'"),
+    ("qibolab", {"platform": "dummy", "optimization_level": 7},
+     "option 'optimization_level' of executor 'qibolab'"),
+])
+def test_a_bad_executor_option_value_is_a_config_error_naming_it(
+    tmp_path: Path, executor: str, options: dict[str, object], named: str
+) -> None:
+    """Exit 78 (EX_CONFIG), which the systemd units do not restart, never a bare 1."""
+    env = daemon_env(tmp_path, None, QPI_EXECUTOR=executor,
+                     QPI_EXECUTOR_OPTIONS=json.dumps(options))
+    d = start_daemon(tmp_path, env)
+    assert d.proc.wait(120) == 78, d.output()
+    assert named in d.output()
 
 
 def slow_text(i: int) -> str:

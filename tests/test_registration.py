@@ -108,11 +108,11 @@ async def test_standin_connect_reply_does_not_echo_the_access_token() -> None:
     orch = LocalOrchestrator(port=0)
     await orch.start()
     try:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{orch.url}/api/op/drivers/connect",
-                                 json={"token": orch.token}) as resp:
-                assert resp.status == 200
-                text = await resp.text()
+        async with (aiohttp.ClientSession() as http,
+                    http.post(f"{orch.url}/api/op/drivers/connect",
+                              json={"token": orch.token}) as resp):
+            assert resp.status == 200
+            text = await resp.text()
         assert orch.token not in text
         assert json.loads(text)["auth_token"]
     finally:

@@ -20,9 +20,10 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import qibolab
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from qibolab import AcquisitionType, AveragingMode, Parameters, Platform, create_platform
 from qibolab.backend import QibolabBackend
 
@@ -72,8 +73,13 @@ class QibolabExecutor(Executor):
     `optimization_level` (Qiskit transpiler, default 1), `seed_transpiler` (default 7)."""
 
     name = "qibolab"
-    OPTIONS = frozenset({"platform", "calibration_file", "max_shots", "max_sequence_ns",
-                         "optimization_level", "seed_transpiler"})
+    OPTION_TYPES: ClassVar[Mapping[str, Any]] = {
+        "platform": str, "calibration_file": str, "max_shots": PositiveInt,
+        "max_sequence_ns": PositiveFloat,
+        "optimization_level": Annotated[int, Field(ge=0, le=3)],
+        "seed_transpiler": NonNegativeInt,
+    }  # fmt: skip
+    OPTIONS = frozenset(OPTION_TYPES)
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
