@@ -202,9 +202,10 @@ class Executor(abc.ABC):
     takes_flat_circuits: ClassVar[bool] = False
 
     # The type of each option's value (int, float, str, a Literal of the values allowed,
-    # pydantic's PositiveInt, ...): checked and converted here, before the executor reads
-    # it (`--executor-option k=v` gives strings), so a bad value is an OptionError that
-    # names the option (exit 78) instead of a ValueError deep in the executor.
+    # pydantic's PositiveInt, ...): checked strictly here (True is no integer, "5" no
+    # number: options arrive as JSON or TOML values), before the executor reads it, so a
+    # bad value is an OptionError that names the option (exit 78) instead of a
+    # ValueError deep in the executor and a restart loop.
     OPTION_TYPES: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
@@ -227,7 +228,7 @@ class Executor(abc.ABC):
             if value is None:
                 continue
             try:
-                self.options[key] = TypeAdapter(kind).validate_python(value)
+                self.options[key] = TypeAdapter(kind).validate_python(value, strict=True)
             except ValidationError as exc:
                 reason = "; ".join(error["msg"] for error in exc.errors())
                 raise OptionError(

@@ -17,7 +17,6 @@ import pytest
 from driver.orchestrator import LocalOrchestrator
 from executors.aer import AerExecutor
 from executors.base import Experiment, Job, OptionError
-from executors.calibration import CalibrationFileError
 from executors.circuits import parse_qasm
 from tests.circuits import BELL
 from tests.conftest import ROOT, daemon_env, heartbeats, run_job, start_connected, wait_for
@@ -166,9 +165,10 @@ def test_calibration_reloads_when_the_file_changes(tmp_path: Path) -> None:
 
 def test_unreadable_calibration_is_refused_at_start(tmp_path: Path) -> None:
     (tmp_path / "empty.json").write_text("[]")
-    with pytest.raises(CalibrationFileError, match=r"empty\.json"):
+    # An option the executor cannot use: exit 78 through the daemon (test_admission).
+    with pytest.raises(OptionError, match=r"'noise_calibration'.*empty\.json"):
         AerExecutor({"noise_calibration": str(tmp_path / "empty.json")})
-    with pytest.raises(CalibrationFileError, match="cannot read"):
+    with pytest.raises(OptionError, match=r"'noise_calibration'.*cannot read"):
         AerExecutor({"noise_calibration": str(tmp_path / "missing.json")})
 
 

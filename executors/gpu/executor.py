@@ -8,9 +8,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field, NonNegativeInt, PositiveInt
 from qiskit.circuit import QuantumCircuit
 from qiskit.circuit.library import get_standard_gate_name_mapping
 
@@ -23,7 +24,6 @@ from executors.base import (
     Job,
     JobError,
     JobResult,
-    OptionError,
     circuit_header,
 )
 from executors.gpu.backend import Backend, Footprint, Pass
@@ -50,26 +50,6 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
-def _int_option(options: Mapping[str, Any], name: str, default: int, minimum: int) -> int:
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(
-            f"gpu executor option {name!r} must be an integer >= {minimum}, got {value!r}"
-        )
-    return value
-
-
-def _choice_option(
-    options: Mapping[str, Any], name: str, default: str, allowed: Sequence[str]
-) -> str:
-    value = options.get(name, default)
-    if value not in allowed:
-        raise OptionError(
-            f"gpu executor option {name!r} must be one of {', '.join(allowed)}, got {value!r}"
-        )
-    return str(value)
-
-
 class GpuExecutor(Executor):
     """State-vector executor on cuStateVec; options:
 
@@ -81,40 +61,24 @@ class GpuExecutor(Executor):
     """
 
     name: ClassVar[str] = "gpu"
-    OPTIONS: ClassVar[frozenset[str]] = frozenset(
-        {
-            "precision",
-            "fusion_max_qubits",
-            "seed",
-            "device_id",
-            "backend",
-            "max_shots",
-            "max_saved_states",
-        }
-    )
+    OPTION_TYPES: ClassVar[Mapping[str, Any]] = {
+        "precision": Literal["single", "double"], "backend": Literal["custatevec", "numpy"],
+        "fusion_max_qubits": Annotated[int, Field(ge=0, le=10)],
+        "seed": int, "device_id": NonNegativeInt, "max_shots": PositiveInt,
+        "max_saved_states": NonNegativeInt,
+    }  # fmt: skip
+    OPTIONS: ClassVar[frozenset[str]] = frozenset(OPTION_TYPES)
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(options)  # refuses unknown option names
+        super().__init__(options)  # refuses unknown option names and bad values
         opts = self.options
-        self.precision = _choice_option(opts, "precision", "double", PRECISIONS)
-        self.backend_name = _choice_option(opts, "backend", "custatevec", BACKENDS)
-        self.fusion_max_qubits = _int_option(
-            opts, "fusion_max_qubits", DEFAULT_FUSION_MAX_QUBITS, 0
-        )
-        if self.fusion_max_qubits > 10:
-            raise OptionError(
-                f"gpu executor option 'fusion_max_qubits' must be at most 10, got "
-                f"{self.fusion_max_qubits}"
-            )
-        self.device_id = _int_option(opts, "device_id", 0, 0)
-        self.max_shots = _int_option(opts, "max_shots", DEFAULT_MAX_SHOTS, 1)
-        self.max_saved_states = _int_option(opts, "max_saved_states", DEFAULT_MAX_SAVED_STATES, 0)
-        seed = opts.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise OptionError(
-                f"gpu executor option 'seed' must be an integer or null, got {seed!r}"
-            )
-        self._rng = np.random.default_rng(seed)
+        self.precision: str = opts.get("precision", "double")
+        self.backend_name: str = opts.get("backend", "custatevec")
+        self.fusion_max_qubits: int = opts.get("fusion_max_qubits", DEFAULT_FUSION_MAX_QUBITS)
+        self.device_id: int = opts.get("device_id", 0)
+        self.max_shots: int = opts.get("max_shots", DEFAULT_MAX_SHOTS)
+        self.max_saved_states: int = opts.get("max_saved_states", DEFAULT_MAX_SAVED_STATES)
+        self._rng = np.random.default_rng(opts.get("seed"))
         self._backend: Backend
         if self.backend_name == "numpy":
             self._backend = NumpyBackend(self.precision)
