@@ -33,10 +33,13 @@ CREATE TABLE IF NOT EXISTS probe (filler BLOB);
 
 PROBE_BYTES = 64 * 1024  # room a write must find before the store counts as writable again
 
+# Not EXECUTOR_CRASHED: nobody knows that the executor crashed, only that the daemon
+# stopped (a SIGKILL, a power cut, an OOM kill of the daemon) with the job in hand.
 INTERRUPTED = {
     "error": "the driver stopped while this job was running; it was not re-run, to avoid "
     "executing it twice. Resubmit it.",
-    "error_code": "EXECUTOR_CRASHED",
+    "error_code": "JOB_FAILED",
+    "interrupted": True,
 }
 
 

@@ -27,7 +27,10 @@ def test_owed_results_survive_reopen_and_follow_acks(tmp_path: Path) -> None:
     assert store.recover_interrupted() == ["c"]  # was running when the process died
     state = store.state("c")
     assert state is not None and state[1] is not None
-    assert state[1].error is not None and state[1].error.code == "EXECUTOR_CRASHED"
+    # The daemon stopped with it in hand: not labelled an executor crash nobody saw.
+    interrupted = state[1].to_wire()
+    assert interrupted["error_code"] == "JOB_FAILED" and interrupted["interrupted"] is True
+    assert "the driver stopped while this job was running" in interrupted["error"]
     store.mark_delivered(["a", "b", "c"])
     assert store.undelivered(acks=False) == []
     assert {o.job_id for o in store.undelivered(acks=True)} == {"a", "b", "c"}
