@@ -101,8 +101,13 @@ class NodeStatus:
     def heartbeat(self) -> dict[str, Any]:
         running = self._runner.running
         executor = self._runner.executor
-        calibration = dict(executor.calibration or {})
-        calibration.setdefault("timestamp", _iso(self._runner.calibrated_at))
+        # None where the executor has no calibration (Aer without noise, most plugins):
+        # no figures and no timestamp made up for it. One without a timestamp of its own
+        # is stamped with when the node read it.
+        calibration: dict[str, Any] | None = None
+        if executor.calibration:
+            calibration = dict(executor.calibration)
+            calibration.setdefault("timestamp", _iso(self._runner.calibrated_at))
         return {
             "status": self.status(),
             "executor": self._executor_name,
