@@ -588,3 +588,16 @@ def test_missing_extra_says_how_to_install() -> None:
     assert "pip install 'qpi-driver[gpu]'" in str(err.value)
     with pytest.raises(ExecutorUnavailable):
         executors.create("gpu", {"precision": "single"})
+
+
+def test_memory_is_the_hosts_total_and_available_as_the_kernel_reports_them() -> None:
+    """Not today's free memory called "total", and no figure made up where none is read."""
+    from executors.gpu.numpy_backend import NumpyBackend
+
+    meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024
+               for line in Path("/proc/meminfo").read_text().splitlines()}
+    free, total = NumpyBackend().memory()
+    assert total == meminfo["MemTotal"]
+    assert 0 < free <= total
+    caps = GpuExecutor({"backend": "numpy"}).capabilities()
+    assert caps.to_wire()["memory"] == meminfo["MemTotal"]

@@ -111,18 +111,30 @@ def sample_from(probs: np.ndarray, shots: int, rng: np.random.Generator) -> np.n
     return np.minimum(out, len(probs) - 1).astype(np.int64)
 
 
-def available_host_memory() -> int:
+def host_memory() -> tuple[int, int]:
+    """(available, total) bytes of this host's memory, as the kernel reports them; an
+    OSError where it cannot be read (no figure is made up for it)."""
+    fields: dict[str, int] = {}
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                name, _, rest = line.partition(":")
+                if name in ("MemAvailable", "MemTotal"):
+                    fields[name] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
+    if len(fields) == 2:
+        return fields["MemAvailable"], fields["MemTotal"]
     try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+        page = int(os.sysconf("SC_PAGE_SIZE"))
+        return (int(os.sysconf("SC_AVPHYS_PAGES")) * page,
+                int(os.sysconf("SC_PHYS_PAGES")) * page)
+    except (ValueError, OSError, AttributeError) as exc:
+        raise OSError(f"cannot read this host's memory (/proc/meminfo, sysconf): {exc}") from None
+
+
+def available_host_memory() -> int:
+    return host_memory()[0]
 
 
 class NumpyBackend:
@@ -144,9 +156,10 @@ class NumpyBackend:
         return "cpu (numpy)"
 
     def memory(self) -> tuple[int, int]:
-        """(free, total) bytes this backend can use."""
-        free = available_host_memory() + self.held_bytes()
-        return free, free
+        """(free, total) bytes this backend can use: the host's available memory (plus
+        the state it holds already) and the host's total."""
+        available, total = host_memory()
+        return available + self.held_bytes(), total
 
     def held_bytes(self) -> int:
         return int(self._psi.nbytes)
@@ -254,6 +267,7 @@ __all__ = [
     "apply_dense",
     "apply_diagonal",
     "available_host_memory",
+    "host_memory",
     "marginal_probabilities",
     "sample_from",
 ]
