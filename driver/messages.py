@@ -91,4 +91,5 @@ class BatchDone:
 class CalibrationReport:
     calibration: dict[str, Any] | None
     fault: str | None
+    capabilities: Any = None  # refreshed with it (a GPU's free memory changes)
     extra: dict[str, Any] = field(default_factory=dict)

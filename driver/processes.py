@@ -89,7 +89,8 @@ def _executor_main(conn: multiprocessing.connection.Connection, name: str,
     inbox = _Inbox(conn)
     for message in inbox:
         if isinstance(message, RefreshCalibration):
-            conn.send(CalibrationReport(executor.calibration(), executor.health()))
+            conn.send(CalibrationReport(executor.calibration(), executor.health(),
+                                        executor.capabilities()))
         elif isinstance(message, RunBatch):
             started = time.perf_counter()
             outcomes = run_batch(executor, name, version, message.jobs, inbox.skipped())
@@ -363,6 +364,8 @@ class ExecutorProcess(ChildProcess):
         reply = await self._receive()
         assert isinstance(reply, CalibrationReport)
         self.calibration, self.fault = reply.calibration, reply.fault
+        if reply.capabilities is not None:
+            self.capabilities = reply.capabilities
         return self.calibration
 
     async def stop(self, timeout: float = 10.0) -> None:

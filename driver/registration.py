@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +67,9 @@ class Registration:
 
 
 class Registrar:
-    def __init__(self, settings: Settings, capabilities: dict[str, Any]) -> None:
+    def __init__(self, settings: Settings,
+                 capabilities: Callable[[], dict[str, Any]]) -> None:
+        """`capabilities` is read at each connect: the executor's as they are then."""
         assert settings.orchestrator_url is not None and settings.access_token is not None
         self._settings = settings
         self._base = settings.orchestrator_url
@@ -120,7 +123,7 @@ class Registrar:
             "wire_formats": [self._settings.wire_format]
             + [f for f in WIRE_FORMATS if f != self._settings.wire_format],
             "executor": self._settings.executor,
-            "capabilities": self._capabilities,
+            "capabilities": self._capabilities(),
         }
         status, reply = await self._post(http, "/api/op/drivers/connect", body)
         if status == 404:
@@ -128,7 +131,7 @@ class Registrar:
                 "name": self._settings.driver_name,
                 "access_token": self._token.get_secret_value(),
                 "executor_type": self._settings.executor,
-                "device_config": self._capabilities,
+                "device_config": self._capabilities(),
             }
             status, reply = await self._post(http, "/api/op/qpus/connect", legacy)
         if status == 401:

@@ -283,7 +283,7 @@ class Driver:
         """Start the executor; meanwhile check that the orchestrator answers and its CA
         matches the pin, so a wrong URL or fingerprint is reported without waiting."""
         s = self.settings
-        check = asyncio.create_task(Registrar(s, {}).preflight())
+        check = asyncio.create_task(Registrar(s, dict).preflight())
         start = asyncio.create_task(self.executor.start())
         await asyncio.wait([check, start], return_when=asyncio.FIRST_COMPLETED)
         if check.done() and isinstance(check.exception(), FingerprintMismatch):
@@ -307,7 +307,6 @@ class Driver:
         except (OrchestratorDown, ProtocolMismatch) as exc:
             log.warning("orchestrator not reachable yet; will keep trying", reason=str(exc))
         caps = self.executor.capabilities
-        self._p.status.capabilities = caps.to_wire()
         self._p.runner.calibrated_at = time.time()
         self.metrics.executor_info.info({"executor": s.executor, "device": str(caps.device),
                                          "precision": str(caps.precision),

@@ -39,7 +39,6 @@ class NodeStatus:
         self.problems = problems
         self.session: OrchestratorSession | None = None
         self.draining = False
-        self.capabilities: dict[str, Any] = {}
         self.started = time.monotonic()
         self._beat_now = asyncio.Event()
         self._last = ""
@@ -98,6 +97,12 @@ class NodeStatus:
             self._beat_now.set()
             self._notifier.status(self.describe())
 
+    def capabilities(self) -> dict[str, Any]:
+        """The executor's capabilities as it last reported them: at its (re)start and at
+        each calibration refresh, never a copy taken once."""
+        caps = self._runner.executor.capabilities
+        return caps.to_wire() if caps is not None else {}
+
     def heartbeat(self) -> dict[str, Any]:
         running = self._runner.running
         executor = self._runner.executor
@@ -120,7 +125,7 @@ class NodeStatus:
             "counters": {**self._metrics.counters(), "results_pending": self._outbox.owed},
             "uptime_s": round(time.monotonic() - self.started, 3),
             "version": __version__,
-            "capabilities": self.capabilities,
+            "capabilities": self.capabilities(),
             "calibration": calibration,
             "degraded_reason": self._degraded(),
         }

@@ -4,13 +4,14 @@ Aer with an execution log, and faults triggered by markers in the circuit text."
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from executors.aer import AerExecutor
-from executors.base import Job, JobError, JobResult
+from executors.base import Capabilities, Job, JobError, JobResult
 
 
 class CountingExecutor(AerExecutor):
@@ -32,6 +33,11 @@ class CountingExecutor(AerExecutor):
             with open(partial, "w") as out:
                 out.write(str(os.getpid()))
             os.replace(partial, f"{path}.pid")
+
+    def capabilities(self) -> Capabilities:
+        """Aer's, naming the worker process: a restarted worker's differ."""
+        caps = super().capabilities()
+        return dataclasses.replace(caps, extra={**caps.extra, "worker_pid": os.getpid()})
 
     def run_many(self, jobs: Sequence[Job]) -> list[JobResult | JobError]:
         path = self.options.get("count_file")

@@ -58,7 +58,7 @@ def registrar(url: str, fingerprint: str | None, token: str = "tok-123") -> Regi
                              "ca_fingerprint": fingerprint}
     if fingerprint is None:
         flags["insecure_tcp"] = True
-    return Registrar(load_settings(flags), {"max_qubits": 5})
+    return Registrar(load_settings(flags), lambda: {"max_qubits": 5})
 
 
 async def test_wrong_token_exits_78_with_a_clear_message(tmp_path: Path) -> None:

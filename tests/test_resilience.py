@@ -13,6 +13,7 @@ from driver.orchestrator import LocalOrchestrator
 from driver.wire import EventType, encode
 from tests.circuits import BELL
 from tests.conftest import (
+    EXECUTIONS_LOG,
     answers,
     counting_daemon,
     daemon_env,
@@ -51,6 +52,28 @@ async def test_segfault_fails_only_that_job_and_a_fresh_worker_serves(
     finally:
         assert d.stop() == 0, d.output()
     assert "executor restarted" in d.output()
+
+
+async def test_capabilities_are_the_restarted_workers_not_a_copy_from_start(
+    tmp_path: Path
+) -> None:
+    orch = LocalOrchestrator(port=0, heartbeat_interval_s=0.5)
+    await orch.start()
+    d = await counting_daemon(tmp_path, orch)
+    try:
+        first = int((tmp_path / f"{EXECUTIONS_LOG}.pid").read_text())
+        await wait_for(lambda: heartbeats(orch), what="a heartbeat")
+        assert heartbeats(orch)[-1]["capabilities"]["worker_pid"] == first
+        assert orch.capabilities["worker_pid"] == first  # what the connect carried
+        crashed = await run_job(orch, {"circuits": [marked("exit")]})
+        assert crashed["error_code"] == "EXECUTOR_CRASHED"
+        await wait_for(lambda: heartbeats(orch)[-1]["capabilities"]["worker_pid"] != first,
+                       what="a heartbeat with the fresh worker's capabilities")
+        fresh = int((tmp_path / f"{EXECUTIONS_LOG}.pid").read_text())
+        assert heartbeats(orch)[-1]["capabilities"]["worker_pid"] == fresh != first
+    finally:
+        assert d.stop() == 0, d.output()
+        await orch.stop()
 
 
 async def test_hang_times_out_and_the_next_job_runs(
