@@ -48,6 +48,8 @@ class QubitFigures:
     sx_ns: float = DEFAULT_1Q_NS
     x_ns: float = DEFAULT_1Q_NS
     measure_ns: float = DEFAULT_MEASURE_NS
+    # Durations no calibration gave ("sx", "x", "measure"): the defaults above, assumed.
+    assumed: frozenset[str] = frozenset({"sx", "x", "measure"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,7 @@ class PairFigures:
     fidelity: float | None = None  # average two-qubit gate fidelity
     duration_ns: float = DEFAULT_2Q_NS
     name: str = ""  # as the calibration file names the pair
+    duration_assumed: bool = True  # no calibration gave it: DEFAULT_2Q_NS
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,8 @@ class DeviceFigures:
                     "gate_fidelity": q.gate_fidelity,
                     "assignment_fidelity": q.assignment_fidelity,
                     "gate_durations_ns": {"sx": q.sx_ns, "x": q.x_ns, "measure": q.measure_ns},
+                    # Which of those are this project's defaults, not measured figures.
+                    "assumed_durations": sorted(q.assumed),
                 }
                 for q in self.qubits
             },
@@ -95,6 +100,7 @@ class DeviceFigures:
                     "gate": p.gate,
                     "fidelity": p.fidelity,
                     "duration_ns": p.duration_ns,
+                    "duration_assumed": p.duration_assumed,
                 }
                 for p in self.pairs
             },
@@ -186,6 +192,11 @@ def _from_snapshot(data: Mapping[str, Any], source: str, stamp: str) -> DeviceFi
     qubits = []
     for i, (name, q) in enumerate(data["qubits"].items()):
         durations = q.get("gate_durations_ns") or {}
+        # A snapshot this project wrote says which durations were assumed; those stay so.
+        assumed = {k for k in ("sx", "x", "measure") if not durations.get(k)}
+        if not durations.get("x") and durations.get("sx"):
+            assumed.discard("x")  # x takes sx's measured duration
+        assumed |= {str(k) for k in q.get("assumed_durations") or ()}
         qubits.append(QubitFigures(
             index=int(q.get("index", i)),
             name=str(name),
@@ -196,6 +207,7 @@ def _from_snapshot(data: Mapping[str, Any], source: str, stamp: str) -> DeviceFi
             sx_ns=float(durations.get("sx") or DEFAULT_1Q_NS),
             x_ns=float(durations.get("x") or durations.get("sx") or DEFAULT_1Q_NS),
             measure_ns=float(durations.get("measure") or DEFAULT_MEASURE_NS),
+            assumed=frozenset(assumed),
         ))
     pairs = []
     for pair_name, p in (data.get("pairs") or {}).items():
@@ -208,6 +220,7 @@ def _from_snapshot(data: Mapping[str, Any], source: str, stamp: str) -> DeviceFi
             fidelity=_number(p.get("fidelity")),
             duration_ns=float(p.get("duration_ns") or DEFAULT_2Q_NS),
             name=str(pair_name),
+            duration_assumed=not p.get("duration_ns") or bool(p.get("duration_assumed")),
         ))
     return DeviceFigures(tuple(qubits), tuple(pairs), stamp, source)
 

@@ -139,6 +139,27 @@ def test_snapshot_shape_with_durations(tmp_path: Path) -> None:
     cal = short.calibration()
     assert cal is not None and cal["timestamp"] == "2026-11-21T10:00:00.000Z"
     assert cal["qubits"]["q1"]["t1_ns"] == 5_000.0 and cal["pairs"]["q0-q1"]["gate"] == "cz"
+    # Every duration was given: none is reported as assumed.
+    assert cal["qubits"]["q1"]["assumed_durations"] == []
+    assert cal["pairs"]["q0-q1"]["duration_assumed"] is False
+
+
+def test_durations_a_calibration_lacks_are_reported_as_assumed(tmp_path: Path) -> None:
+    """A qibocal file has no pulse durations: the twin's defaults are said to be such."""
+    cal = AerExecutor({"noise_calibration": str(qibocal_file(
+        tmp_path / "cal.json", t1=8_000.0, t2=5_000.0, rb=0.99, readout=0.8, cz=0.85))}
+    ).calibration()
+    assert cal is not None
+    for qubit in cal["qubits"].values():
+        assert qubit["assumed_durations"] == ["measure", "sx", "x"]
+    assert all(pair["duration_assumed"] is True for pair in cal["pairs"].values())
+    # A snapshot that says so keeps them assumed when read back (a twin of a twin).
+    (tmp_path / "again.json").write_text(json.dumps(cal))
+    again = AerExecutor({"noise_calibration": str(tmp_path / "again.json")}).calibration()
+    assert again is not None
+    assert [q["assumed_durations"] for q in again["qubits"].values()] == [
+        q["assumed_durations"] for q in cal["qubits"].values()]
+    assert all(pair["duration_assumed"] is True for pair in again["pairs"].values())
 
 
 def test_calibration_reloads_when_the_file_changes(tmp_path: Path) -> None:

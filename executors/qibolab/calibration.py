@@ -89,6 +89,10 @@ def snapshot(platform: Any, files: CalibrationFiles, qibocal: dict[str, Any] | N
             "x": rotation.get("duration_ns", DEFAULT_1Q_NS),
             "measure": pulses.get("MZ", {}).get("duration_ns", DEFAULT_MEASURE_NS),
         }
+        # The platform's pulses give the durations; where it has none, they are defaults.
+        entry["assumed_durations"] = sorted(
+            ({"sx", "x"} if "duration_ns" not in rotation else set())
+            | ({"measure"} if "duration_ns" not in pulses.get("MZ", {}) else set()))
         for key, value in measured.get(str(name), {}).items():
             entry[key] = value
         qubits[str(name)] = entry
