@@ -27,8 +27,8 @@ from driver.wire import (
     WireFormat,
     decode,
     encode,
-    now_iso,
 )
+from executors.base import iso_utc
 
 log = logs.get("qpi.orchestrator")
 
@@ -44,8 +44,8 @@ class JobRecord:
     payload: dict[str, Any]
     status: str = "pending"  # pending -> queued -> running -> completed|failed|cancelled
     results: dict[str, Any] | None = None
-    created: str = field(default_factory=now_iso)
-    updated: str = field(default_factory=now_iso)
+    created: str = field(default_factory=iso_utc)
+    updated: str = field(default_factory=iso_utc)
     dispatches: int = 0
     results_received: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -293,7 +293,7 @@ class LocalOrchestrator:
                     record.status = "cancelled" if cancelled else "failed"
                 else:
                     record.status = "completed"
-                record.updated = now_iso()
+                record.updated = iso_utc()
                 record.done.set()
             if self.acks:
                 await self.send_event(EventType.RESULT_ACK, {"job_id": record.id})
@@ -301,9 +301,9 @@ class LocalOrchestrator:
             record = self.jobs.get(str(payload.get("job_id")))
             if record is not None and record.status not in FINAL:
                 record.status = str(payload.get("state") or record.status)
-                record.updated = now_iso()
+                record.updated = iso_utc()
         elif env.type == EventType.HEARTBEAT:
-            self.last_heartbeat = {**payload, "received": now_iso()}
+            self.last_heartbeat = {**payload, "received": iso_utc()}
 
     # -- HTTP: driver side --------------------------------------------------------------
 
@@ -392,7 +392,7 @@ class LocalOrchestrator:
             return web.json_response({"message": "no such job"}, status=404)
         if record.status == "pending":
             record.status = "cancelled"
-            record.updated = now_iso()
+            record.updated = iso_utc()
             record.done.set()
         elif record.status not in FINAL and self._push is not None:
             await self.send_event(EventType.JOB_CANCEL, {"job_id": record.id})

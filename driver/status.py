@@ -16,7 +16,8 @@ from driver.runner import JobRunner
 from driver.sdnotify import Notifier
 from driver.session import OrchestratorSession
 from driver.store import ResultStore
-from driver.wire import Envelope, EventType, now_iso
+from driver.wire import Envelope, EventType
+from executors.base import iso_utc
 
 HEARTBEAT_SPACING_S = 0.25  # at most four status-change heartbeats a second
 STATUSES = ("idle", "busy", "draining", "degraded")
@@ -112,7 +113,7 @@ class NodeStatus:
         calibration: dict[str, Any] | None = None
         if executor.calibration:
             calibration = dict(executor.calibration)
-            calibration.setdefault("timestamp", _iso(self._runner.calibrated_at))
+            calibration.setdefault("timestamp", iso_utc(self._runner.calibrated_at or None))
         return {
             "status": self.status(),
             "executor": self._executor_name,
@@ -161,5 +162,3 @@ def announcer(outbox: Outbox) -> Callable[[list[str]], None]:
     return announce
 
 
-def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else now_iso()

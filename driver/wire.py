@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgpack
+
+from executors.base import iso_utc
 
 WireFormat = Literal["msgpack", "json"]
 WIRE_FORMATS: tuple[WireFormat, ...] = ("msgpack", "json")
@@ -40,7 +41,7 @@ class Envelope:
     payload: dict[str, Any]
     driver: str = ""
     id: str = field(default_factory=lambda: "evt_" + os.urandom(12).hex())
-    ts: str = field(default_factory=lambda: now_iso())
+    ts: str = field(default_factory=iso_utc)
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -50,10 +51,6 @@ class Envelope:
             "ts": self.ts,
             "payload": self.payload,
         }
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def sniff(frame: bytes) -> WireFormat:

@@ -4,6 +4,7 @@ to an executor, and the small base class every executor implements."""
 from __future__ import annotations
 
 import abc
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -12,6 +13,13 @@ from executors.flat import FlatCircuit
 
 if TYPE_CHECKING:
     from qiskit.circuit import QuantumCircuit
+
+
+def iso_utc(epoch: float | None = None) -> str:
+    """An instant (now by default) as ISO 8601 UTC with milliseconds, as the wire and
+    every timestamp of this project write it: `2026-11-21T10:04:05.123Z`."""
+    moment = dt.datetime.now(dt.UTC) if epoch is None else dt.datetime.fromtimestamp(epoch, dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 class ErrorCode:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from executors.base import iso_utc
 
 # Used when a calibration gives no pulse durations (a qibocal file has none).
 DEFAULT_1Q_NS = 40.0
@@ -119,7 +120,7 @@ def read_figures(path: str | os.PathLike[str]) -> DeviceFigures:
         raise CalibrationFileError(f"calibration file {path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise CalibrationFileError(f"calibration file {path} must hold a JSON object")
-    stamp = data.get("timestamp") or _iso(path.stat().st_mtime)
+    stamp = data.get("timestamp") or iso_utc(path.stat().st_mtime)
     try:
         if "single_qubits" in data:
             return _from_qibocal(data, str(path), stamp)
@@ -237,6 +238,3 @@ def _mean(measure: Any) -> float | None:
 def _number(value: Any) -> float | None:
     return None if value is None else float(value)
 
-
-def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

@@ -9,10 +9,10 @@ calibration can drive an Aer digital twin of this QPU.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
+from executors.base import iso_utc
 from executors.calibration import (
     DEFAULT_1Q_NS,
     DEFAULT_MEASURE_NS,
@@ -117,7 +117,7 @@ def snapshot(platform: Any, files: CalibrationFiles, qibocal: dict[str, Any] | N
         pairs[key] = entry
     stamp = files.timestamp()
     out: dict[str, Any] = {
-        "timestamp": _iso(stamp or loaded_at),
+        "timestamp": iso_utc(stamp or loaded_at),
         "platform": platform.name,
         "qubits": qubits,
         "pairs": pairs,
@@ -186,8 +186,3 @@ def _stat(path: Path | None) -> tuple[int, int] | None:
         return None
     return (st.st_mtime_ns, st.st_size)
 
-
-def _iso(epoch: float) -> str:
-    # Milliseconds: two writes of a file within one second are still told apart.
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))
-    return f"{whole}.{int(epoch % 1 * 1000):03d}Z"
