@@ -19,9 +19,6 @@ class PreparedJob:
 
     job_id: str
     payload: bytes
-    experiments: int
-    max_qubits: int
-    shots: int
 
 
 # daemon -> parser
@@ -84,7 +81,6 @@ class StartFailed:
 class BatchDone:
     outcomes: list[Outcome]
     fault: str | None
-    seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,9 +92,8 @@ def _executor_main(conn: multiprocessing.connection.Connection, name: str,
             conn.send(CalibrationReport(executor.calibration(), executor.health(),
                                         executor.capabilities()))
         elif isinstance(message, RunBatch):
-            started = time.perf_counter()
             outcomes = run_batch(executor, name, version, message.jobs, inbox.skipped())
-            conn.send(BatchDone(outcomes, executor.health(), time.perf_counter() - started))
+            conn.send(BatchDone(outcomes, executor.health()))
     executor.close()
 
 
@@ -199,13 +198,7 @@ def parse_job(message: ParseJob) -> Parsed:
     except Exception as exc:  # Qiskit refusing what validation let through: this job's fault
         error = JobError(ErrorCode.CIRCUIT_INVALID, f"{type(exc).__name__}: {exc!s:.500}")
         return Parsed(message.job_id, None, error, time.perf_counter() - started)
-    prepared = PreparedJob(
-        job_id=message.job_id,
-        payload=payload.dumps(job),
-        experiments=len(job.experiments),
-        max_qubits=max(e.circuit.num_qubits for e in job.experiments),
-        shots=sum(e.shots for e in job.experiments),
-    )
+    prepared = PreparedJob(job_id=message.job_id, payload=payload.dumps(job))
     return Parsed(message.job_id, prepared, None, time.perf_counter() - started)
 
 

@@ -77,8 +77,7 @@ def test_a_batch_keeps_each_jobs_own_counts_in_order() -> None:
 
     circuits = [parse_qasm(_dumps(build(seed))) for seed in range(4) for build in (qft12, bell)]
     prepared = [PreparedJob(job_id=f"j{i}", payload=payload.dumps(
-        Job(f"j{i}", (Experiment(c, 500, memory=True),))), experiments=1,
-        max_qubits=c.num_qubits, shots=500) for i, c in enumerate(circuits)]
+        Job(f"j{i}", (Experiment(c, 500, memory=True),)))) for i, c in enumerate(circuits)]
     outcomes = run_batch(AerExecutor({"seed": SEED}), "aer", __version__, prepared)
     # The same batch through AerSimulator.run: one call, the same seeds in the same order.
     reference = AerExecutor({"seed": SEED}).run_many(
