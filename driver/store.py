@@ -16,6 +16,8 @@ import msgpack
 from driver import logs
 from driver.outcome import Outcome
 
+# The jobs table's columns, in its order: what store_repair salvages and writes back.
+COLUMNS = ("job_id", "state", "result", "started", "finished", "delivered", "acked")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id    TEXT PRIMARY KEY,

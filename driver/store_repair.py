@@ -20,9 +20,12 @@ from urllib.parse import quote
 
 import msgpack
 
+from driver.store import COLUMNS
+
 STORE_NAME = "results.sqlite3"
 SQLITE_HEADER = b"SQLite format 3\x00"
-_COLUMNS = "job_id, state, result, started, finished, delivered, acked"
+_COLUMNS = ", ".join(COLUMNS)  # the store's own schema (driver.store)
+_PLACES = ", ".join("?" * len(COLUMNS))
 _MAX_PROBES = 5_000_000  # rowids probed one by one behind a damaged page
 # In WAL mode every open connection holds a read lock on this byte of the -shm file
 # (SQLite's "dead man switch", WALINDEX_LOCK_OFFSET + SQLITE_SHM_NLOCK).
@@ -291,10 +294,11 @@ def _with_cli(copy: Path, sqlite3_bin: str) -> tuple[dict[str, Row], str | None]
         with contextlib.suppress(sqlite3.Error):
             for raw in db.execute(f"SELECT {_COLUMNS} FROM jobs"):
                 _keep(rows, raw)
-        # Rows .recover could not place in a table: the jobs table's have its 7 columns.
+        # Rows .recover could not place in a table: the jobs table's have its columns.
+        fields = ", ".join(f"c{i}" for i in range(len(COLUMNS)))
         with contextlib.suppress(sqlite3.Error):
-            for raw in db.execute("SELECT c0, c1, c2, c3, c4, c5, c6 FROM lost_and_found "
-                                  "WHERE nfield = 7"):
+            for raw in db.execute(f"SELECT {fields} FROM lost_and_found "
+                                  f"WHERE nfield = {len(COLUMNS)}"):
                 _keep(rows, raw)
     finally:
         db.close()
@@ -459,7 +463,7 @@ def _replace(path: Path, rows: dict[str, Row], report: RecoverReport,
         db = sqlite3.connect(fresh, isolation_level=None)
         try:
             db.execute("BEGIN")
-            db.executemany(f"INSERT OR IGNORE INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            db.executemany(f"INSERT OR IGNORE INTO jobs ({_COLUMNS}) VALUES ({_PLACES})",
                            saved)
             db.execute("COMMIT")
         finally:
