@@ -10,6 +10,7 @@ import re
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 from qiskit import QuantumCircuit, qasm3
 from qiskit.circuit.library import QFTGate
@@ -78,9 +79,15 @@ async def test_a_parser_killed_mid_parse_costs_that_job_only(
     d = await start_connected(tmp_path, orch, daemon_env(tmp_path, orch))
     try:
         pid = int(re.findall(r'"pid": (\d+), "event": "circuit parser started"', d.output())[0])
+        parser = psutil.Process(pid)
+        idle = parser.cpu_times().user
         victim = orch.submit({"circuits": [slow_text(i) for i in range(200)], "shots": 8})
         behind = orch.submit({"circuits": [BELL], "shots": 8})
-        await asyncio.sleep(0.5)  # into the parse of the 200 circuits (several seconds)
+        # Mid-parse, as the parser itself shows: it has spent CPU on the victim (whose
+        # 200 circuits take seconds), and the victim has no answer yet.
+        await wait_for(lambda: parser.cpu_times().user - idle >= 0.3, timeout=60,
+                       what="the parser to be busy with the victim")
+        assert victim.results is None, "parsed before it could be killed mid-parse"
         os.kill(pid, signal.SIGKILL)
         done = await orch.result(victim.id, timeout=120)
         assert done.results is not None and done.results["error_code"] == "CIRCUIT_INVALID"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,18 @@ from tests.conftest import (
     start_connected,
     wait_for,
 )
+
+
+def store_state(tmp_path: Path, job_id: str) -> str | None:
+    """The job's state in the daemon's result store (`running` once handed over)."""
+    db = sqlite3.connect(f"file:{tmp_path / 'data' / 'results.sqlite3'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT state FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+    except sqlite3.OperationalError:  # not created yet
+        return None
+    finally:
+        db.close()
+    return None if row is None else str(row[0])
 
 
 def marked(marker: str) -> str:
@@ -180,18 +193,21 @@ async def test_cancel_a_job_waiting_in_the_executors_pipe(
     """While one batch runs, the next waits in the executor's pipe; cancelling a job of
     it leaves it out (it never runs) and does not disturb the running one."""
     d = await counting_daemon(tmp_path, orch)
+    release = tmp_path / "release"
     try:
-        first = orch.submit({"circuits": [marked("sleep 3")]})
+        first = orch.submit({"circuits": [marked(f"until {release}")]})  # runs until released
         await wait_for(lambda: first.id in executions(tmp_path), what="the first job to start")
         handed = orch.submit({"circuits": [BELL]})
-        await wait_for(lambda: handed.dispatches == 1, what="dispatch")
-        await asyncio.sleep(1.0)  # parsed in milliseconds, then handed over at once
+        # Handed over: the store marks a job running as it goes into the executor's pipe.
+        await wait_for(lambda: store_state(tmp_path, handed.id) == "running",
+                       what="the second job to be handed to the executor")
         await orch.send_event(EventType.JOB_CANCEL, {"job_id": handed.id})
         await orch.result(handed.id, timeout=60)
         assert handed.status == "cancelled", handed.results
         assert handed.results is not None
         assert "before it ran" in handed.results["error"], handed.results
         assert first.status != "completed"  # answered while the first still runs
+        release.touch()
         await orch.result(first.id, timeout=60)
         assert first.status == "completed", first.results
         ok = await run_job(orch, {"circuits": [BELL], "shots": 8})
@@ -226,10 +242,15 @@ async def test_disabled_qpu_refuses_jobs_until_enabled(
 
 async def test_queue_cap_is_answered_not_silent(tmp_path: Path, orch: LocalOrchestrator) -> None:
     d = await counting_daemon(tmp_path, orch, QPI_MAX_QUEUED_JOBS="2")
+    release = tmp_path / "release"
     try:
-        slow = orch.submit({"circuits": [marked("sleep 2")], "timeout_s": 30})
-        await wait_for(lambda: slow.status == "running", what="the job to run")
+        # Runs until released: the five behind it all arrive while it holds the executor.
+        slow = orch.submit({"circuits": [marked(f"until {release}")], "timeout_s": 60})
+        await wait_for(lambda: slow.id in executions(tmp_path), what="the job to run")
         records = [orch.submit({"circuits": [BELL], "shots": 8}) for _ in range(5)]
+        await wait_for(lambda: sum(r.results is not None for r in records) == 3,
+                       what="three refusals while the queue is full")
+        release.touch()
         for record in records:
             await orch.result(record.id, timeout=60)
         codes = [r.results.get("error_code") if r.results else None for r in records]
