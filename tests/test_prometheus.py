@@ -4,7 +4,6 @@ Prometheus scraping a daemon in local mode with the rules loaded."""
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import shutil
@@ -12,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -178,21 +178,30 @@ def exported_sample_names(exposition: str) -> set[str]:
     return names
 
 
-def gpu_metric_names() -> set[str]:
-    """The GPU families NvmlCollector yields: declared only where NVML finds a GPU, so they
-    are read from driver/metrics.py's source rather than from a scrape."""
-    tree = ast.parse((ROOT / "driver/metrics.py").read_text())
-    collector = next(node for node in ast.walk(tree)
-                     if isinstance(node, ast.ClassDef) and node.name == "NvmlCollector")
-    return {str(call.args[0].value) for call in ast.walk(collector)
-            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "GaugeMetricFamily"
-            and call.args and isinstance(call.args[0], ast.Constant)}
+def gpu_metric_names(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The GPU families NvmlCollector exports, scraped from the collector itself over a
+    stand-in NVML with one device (NVML is there only where a GPU is)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from driver.metrics import NvmlCollector
+
+    nvml = types.ModuleType("pynvml")
+    memory = types.SimpleNamespace(used=1 << 30, total=80 << 30)
+    nvml.nvmlInit = lambda: None  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetCount = lambda: 1  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: i  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetMemoryInfo = lambda handle: memory  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    registry = CollectorRegistry()
+    registry.register(NvmlCollector())
+    return exported_sample_names(generate_latest(registry).decode())
 
 
-def test_every_metric_used_is_exported(local_daemon: LocalDaemon) -> None:
+def test_every_metric_used_is_exported(local_daemon: LocalDaemon,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     exported = exported_sample_names(local_daemon.exposition())
     assert {"qpi_jobs_total", "qpi_queue_depth", "qpi_job_queue_wait_seconds_bucket"} <= exported
-    gpu = gpu_metric_names()
+    gpu = gpu_metric_names(monkeypatch)
     assert gpu == {"qpi_gpu_memory_used_bytes", "qpi_gpu_memory_total_bytes"}, gpu
     synthesized = {"up"}  # Prometheus adds it to every target
     used = {**{f"rule {k}": v for k, v in rule_expressions().items()},
