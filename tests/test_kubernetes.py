@@ -75,7 +75,9 @@ def test_kustomization_lists_every_manifest() -> None:
 @pytest.mark.parametrize("target", TARGETS)
 def test_statefulset_agrees_with_image_and_daemon(target: str) -> None:
     sts = yaml.safe_load(TARGETS[target].read_text())
-    image_env = _stage_env(parse_dockerfile((ROOT / "Dockerfile").read_text()), target)
+    instructions = parse_dockerfile((ROOT / "Dockerfile").read_text())
+    image_env = _stage_env(instructions, target)
+    image_user = next(i.args for i in instructions if i.stage == target and i.keyword == "USER")
     pod = sts["spec"]["template"]
     spec, c = pod["spec"], container(sts)
 
@@ -120,7 +122,11 @@ def test_statefulset_agrees_with_image_and_daemon(target: str) -> None:
 
     # Non-root and a read-only root; only the mounted volumes are writable.
     assert spec["securityContext"]["runAsNonRoot"] is True
-    assert spec["securityContext"]["runAsUser"] == 10001  # the image's USER
+    # The image's own USER (uid:gid), as the Dockerfile's stage sets it.
+    uid, _, gid = image_user.partition(":")
+    assert str(spec["securityContext"]["runAsUser"]) == uid
+    if gid and "runAsGroup" in spec["securityContext"]:
+        assert str(spec["securityContext"]["runAsGroup"]) == gid
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
