@@ -63,12 +63,14 @@ def test_device_check_set_adds_what_the_image_lacks_at_the_pinned_versions() -> 
 
 
 def test_gpu_extra_pins_the_tested_cuda_set() -> None:
+    """The extra pins what the gpu executor's README says the code was tested against."""
     gpu = {canonicalize_name(Requirement(r).name): Requirement(r) for r in project()["gpu"]}
-    for name, version in {
-        "cuquantum-python-cu13": "26.9.0",
-        "custatevec-cu13": "1.15.0",
-        "cupy-cuda13x": "14.2.0",
-    }.items():
+    readme = (REPO / "executors" / "gpu" / "README.md").read_text()
+    section = readme[readme.index("## Running on a GPU node"):]
+    tested = dict(re.findall(r"`([a-z0-9-]+)==([0-9.]+)`", section.split("```")[0]))
+    for name in ("cuquantum-python-cu13", "custatevec-cu13", "cupy-cuda13x"):
+        assert name in tested, f"the README names no tested version of {name}"
+    for name, version in tested.items():
         assert str(gpu[canonicalize_name(name)].specifier) == f"=={version}", name
     # cupy-cuda13x 14.2.0 declares numpy<2.6; the extra must not let pip pick a newer one.
     numpy = gpu[canonicalize_name("numpy")].specifier
