@@ -7,14 +7,21 @@ import ipaddress
 import os
 import socket
 import stat
+import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -29,7 +36,7 @@ _config_file: ContextVar[Path | None] = ContextVar("qpi_config_file", default=No
 # `config check` outside systemd: the token is the unit's credential, absent in a shell.
 _token_elsewhere: ContextVar[bool] = ContextVar("qpi_token_elsewhere", default=False)
 
-# Names QPI deployments already use that differ from `QPI_<FIELD>`.
+# Names QPI deployments already use that differ from `QPI_<FIELD>`: pydantic aliases.
 LEGACY_ENV = {"QPI_ADDR": "orchestrator_url"}
 CREDENTIAL_NAME = "qpi-access-token"
 
@@ -49,11 +56,15 @@ class Settings(BaseSettings):
         extra="forbid",
         validate_default=True,
         env_nested_delimiter=None,
+        populate_by_name=True,  # flags and TOML keys are the field names
     )
 
     # Orchestrator and identity
     orchestrator_url: str | None = Field(
-        None, description="orchestrator base URL (env QPI_ADDR); unset = embedded local one"
+        None, description="orchestrator base URL (env QPI_ADDR); unset = embedded local one",
+        # An alias drops the prefix: both names of the variable are spelt out.
+        validation_alias=AliasChoices("QPI_ORCHESTRATOR_URL", *(
+            name for name, field in LEGACY_ENV.items() if field == "orchestrator_url")),
     )
     access_token: SecretStr | None = Field(None, description="access token from the orchestrator")
     access_token_file: Path | None = Field(
@@ -208,18 +219,6 @@ class Settings(BaseSettings):
         return tuple(_sources(settings_cls, init_settings, _config_file.get()).values())
 
 
-class LegacyEnvSource(PydanticBaseSettingsSource):
-    """The variable names QPI deployments already use (QPI_ADDR)."""
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return {
-            field: os.environ[name] for name, field in LEGACY_ENV.items() if os.environ.get(name)
-        }
-
-
 def _sources(
     settings_cls: type[BaseSettings],
     init_settings: PydanticBaseSettingsSource,
@@ -229,7 +228,6 @@ def _sources(
     sources: dict[str, PydanticBaseSettingsSource] = {
         "flag": init_settings,
         "environment": EnvSettingsSource(settings_cls, case_sensitive=False, env_prefix="QPI_"),
-        "legacy environment": LegacyEnvSource(settings_cls),
     }
     if config_file is not None:
         sources[f"config file {config_file}"] = TomlConfigSettingsSource(
@@ -287,13 +285,24 @@ def _explain(exc: ValidationError, flags: Mapping[str, Any], config_file: Path |
         if not err["loc"]:
             lines.append("invalid settings: " + err["msg"].removeprefix("Value error, "))
             continue
-        key = str(err["loc"][0])
+        key = _field_of(str(err["loc"][0]))
         origin = _origin(key, flags, config_file)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown setting"
         lines.append(f"invalid setting {key!r} (from {origin}): {msg}")
     return "; ".join(lines)
+
+
+def _field_of(name: str) -> str:
+    """The field a validation error names, where it names it by an alias (QPI_ADDR)."""
+    if name in Settings.model_fields:
+        return name
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices) and name in alias.choices:
+            return field
+    return name
 
 
 def _origin(key: str, flags: Mapping[str, Any], config_file: Path | None) -> str:
@@ -307,8 +316,8 @@ def _origin(key: str, flags: Mapping[str, Any], config_file: Path | None) -> str
             return f"environment variable {legacy}"
     if config_file is not None:
         try:
-            data = TomlConfigSettingsSource(Settings, toml_file=config_file)()
-        except Exception:
+            data = tomllib.loads(config_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError, UnicodeError):
             data = {}
         if key in data:
             return f"config file {config_file}"

@@ -50,6 +50,20 @@ def test_legacy_qpi_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert "zq-secret-77" not in repr(s) and s.masked()["access_token"] == "********"
     monkeypatch.setenv("QPI_ORCHESTRATOR_URL", "http://new:1")
     assert load_settings().orchestrator_url == "http://new:1"  # the new name wins
+    # A flag beats both; an unprefixed ORCHESTRATOR_URL is nobody's name.
+    assert load_settings({"orchestrator_url": "http://flag:2"}).orchestrator_url == "http://flag:2"
+    monkeypatch.delenv("QPI_ORCHESTRATOR_URL")
+    monkeypatch.delenv("QPI_ADDR")
+    monkeypatch.setenv("ORCHESTRATOR_URL", "http://stray:3")
+    assert load_settings().orchestrator_url is None
+
+
+def test_a_bad_legacy_variable_is_named_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QPI_ADDR", "ftp://orch")
+    monkeypatch.setenv("QPI_CA_FINGERPRINT", FP)
+    with pytest.raises(ConfigError, match=r"'orchestrator_url' \(from environment variable "
+                       r"QPI_ADDR\): must start with http"):
+        load_settings()
 
 
 def test_token_from_file_and_credentials_dir(
