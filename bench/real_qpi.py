@@ -30,8 +30,8 @@ from typing import Any
 from qpi_client import QPIClient
 
 from bench.traffic import bell, qpi_client_payload
-from tests.conftest import COUNTING, EXECUTIONS_LOG, daemon_env, start_daemon
-from tests.qpi_server import BASE, USER_SECONDS, Rig, rig, unavailable, wait_until
+from tests.conftest import COUNTING, EXECUTIONS_LOG, daemon_env, start_daemon, wait_until
+from tests.qpi_server import BASE, USER_SECONDS, Rig, rig, unavailable
 
 BELL_KEYS = {"00", "11"}
 

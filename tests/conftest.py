@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,19 @@ def start_daemon(tmp_path: Path, env: dict[str, str], *args: str,
             cwd=tmp_path,
         )
     return Daemon(proc, log_path)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               every: float = 0.05) -> Any:
+    """Poll `predicate` (something observable) until it is truthy; its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
 
 
 async def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:

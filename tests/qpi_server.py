@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 import requests
 
+from tests.conftest import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = ("admin@example.com", "supersecretpassword1234")
 USER = ("user@example.com", "userpassword123456")
@@ -259,19 +261,6 @@ class LogCounts:
     @property
     def accepted_twice(self) -> int:
         return sum(1 for n in self.accepted.values() if n > 1)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               every: float = 0.05) -> Any:
-    """Poll `predicate` (something observable) until it is truthy; its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 @dataclass

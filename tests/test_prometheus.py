@@ -10,12 +10,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import types
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Daemon, daemon_env, start_daemon
+from tests.conftest import Daemon, daemon_env, start_daemon, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy/prometheus/qpi-driver-rules.yml"
@@ -48,18 +47,6 @@ def get(url: str, timeout: float = 10.0) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except OSError as exc:  # not listening yet
         return 0, str(exc)
-
-
-def poll(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
-    """check()'s first truthy answer; fails naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = check()
-        if answer:
-            return answer
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def tool(name: str) -> str:
@@ -112,7 +99,7 @@ def local_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaem
         def ready() -> bool:
             assert daemon.proc.poll() is None, f"the daemon exited:\n{daemon.output()}"
             return get(f"http://{node.metrics_target}/readyz", timeout=2)[0] == 200
-        poll(ready, 120, "the local daemon's /readyz")
+        wait_until(ready, 120, "the local daemon's /readyz")
         yield node
     finally:
         code = daemon.stop()
@@ -307,7 +294,7 @@ def prometheus(local_daemon: LocalDaemon, tmp_path: Path) -> Iterator[Prometheus
         def ready() -> bool:
             assert proc.poll() is None, f"prometheus exited:\n{log.read_text()}"
             return get(f"http://127.0.0.1:{port}/-/ready", timeout=2)[0] == 200
-        poll(ready, 60, "prometheus to be ready")
+        wait_until(ready, 60, "prometheus to be ready")
         yield server
     finally:
         proc.terminate()
@@ -323,7 +310,7 @@ def test_prometheus_scrapes_the_daemon_with_the_rules_loaded(
     def target_up() -> bool:
         targets = prometheus.api("targets")["activeTargets"]
         return any(t["labels"]["job"] == JOB and t["health"] == "up" for t in targets)
-    poll(target_up, 30, f"the {JOB} target to be up")
+    wait_until(target_up, 30, f"the {JOB} target to be up")
     assert prometheus.value(f'up{{job="{JOB}"}}') == 1.0
 
     ok_jobs = f'sum(qpi_jobs_total{{job="{JOB}", outcome="ok"}})'
@@ -331,7 +318,7 @@ def test_prometheus_scrapes_the_daemon_with_the_rules_loaded(
     shots_before = prometheus.value(f'sum(qpi_shots_executed_total{{job="{JOB}"}})') or 0.0
     for _ in range(3):
         local_daemon.submit_bell()
-    poll(lambda: (prometheus.value(ok_jobs) or 0.0) >= before + 3, 30,
+    wait_until(lambda: (prometheus.value(ok_jobs) or 0.0) >= before + 3, 30,
          f"Prometheus to see 3 more ok jobs than {before}")
     shots = prometheus.value(f'sum(qpi_shots_executed_total{{job="{JOB}"}})')
     assert shots is not None and shots >= shots_before + 300
@@ -361,7 +348,7 @@ def test_prometheus_scrapes_the_daemon_with_the_rules_loaded(
         rules = [rule for group in groups for rule in group["rules"]]
         return rules if rules and all(r.get("lastEvaluation", "").startswith("2")
                                       and r["health"] != "unknown" for r in rules) else None
-    rules = poll(evaluated, 30, "every rule to be evaluated once")
+    rules = wait_until(evaluated, 30, "every rule to be evaluated once")
     assert {r["name"] for r in rules} == expected
     errors = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
     assert not errors, f"rules that failed to evaluate: {errors}"

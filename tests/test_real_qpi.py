@@ -17,8 +17,16 @@ import requests
 from qpi_client import QPIClient
 
 from bench.real_qpi import bell_ok, payloads, submit_all
-from tests.conftest import COUNTING, EXECUTIONS_LOG, Daemon, daemon_env, executions, start_daemon
-from tests.qpi_server import BASE, USER_SECONDS, Rig, rig, unavailable, wait_until
+from tests.conftest import (
+    COUNTING,
+    EXECUTIONS_LOG,
+    Daemon,
+    daemon_env,
+    executions,
+    start_daemon,
+    wait_until,
+)
+from tests.qpi_server import BASE, USER_SECONDS, Rig, rig, unavailable
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
