@@ -201,10 +201,12 @@ class Outbox:
             self._flush.clear()
             try:
                 while self._transient:
-                    env = self._transient.popleft()
+                    env = self._transient[0]  # left queued until sent: `drained` waits
                     env.driver = name
                     await pace()
                     await session.send(encode(env, fmt))
+                    if self._transient and self._transient[0] is env:
+                        self._transient.popleft()
                 pending = list(self._owed)
                 for start in range(0, len(pending), group):
                     chunk = [j for j in pending[start:start + group] if j in self._owed]
@@ -269,11 +271,13 @@ class Outbox:
             pass  # kept; the next successful write takes them along
 
     async def drained(self, session: OrchestratorSession, timeout: float) -> None:
-        """Wait (bounded) until everything owed was handed to the connection."""
+        """Wait (bounded) until everything owed, and the status events queued (the
+        "draining" heartbeat), was handed to the connection."""
         self._flush.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._owed and not session.detached.is_set() and loop.time() < deadline:
+        while ((self._owed or self._transient) and not session.detached.is_set()
+               and loop.time() < deadline):
             await asyncio.sleep(0.01)
 
     # -- the store coming back --------------------------------------------------------------
