@@ -141,6 +141,11 @@ class Intake:
         if self.disabled:
             return JobError(ErrorCode.QPU_DISABLED, "this QPU is disabled by the "
                             "orchestrator; the job was not run")
+        return self.full()
+
+    def full(self) -> JobError | None:
+        """Why the node cannot take another job now (its store or queue is full), if so:
+        refused with it, or (no refusals) read no further until it passes."""
         if self._store.problem is not None:
             return JobError(ErrorCode.QUOTA_EXCEEDED, f"the driver cannot store results "
                             f"({self._store.problem}); the job was not run, retry later")
@@ -148,14 +153,6 @@ class Intake:
         if waiting >= self._max_queued:
             return JobError(ErrorCode.QUOTA_EXCEEDED, f"the driver's queue is full "
                             f"({self._max_queued} jobs); retry later", queue_depth=waiting)
-        return None
-
-    def full(self) -> str | None:
-        """Why the node cannot take another job now (its queue or store is full), if so."""
-        if self._store.problem is not None:
-            return f"the result store refuses writes ({self._store.problem})"
-        if self._waiting() >= self._max_queued:
-            return f"the queue is full ({self._max_queued} jobs)"
         return None
 
     def _check_meas_level(self, spec: JobSpec) -> None:

@@ -73,22 +73,18 @@ class LocalOrchestrator:
         token: str | None = None,
         acks: bool = False,
         heartbeat_interval_s: float | None = None,
-        extensions: bool = True,
         tls: bool = True,
         identity: ServerIdentity | None = None,
         nng_identity: ServerIdentity | None = None,
     ) -> None:
         """`identity` is the CA it publishes (and pins) and the certificate NNG serves;
-        `nng_identity` serves another certificate on NNG (tests: an impostor).
-        `extensions`: announce this project's extensions (status events, no rate limit,
-        refusals taken as answers); without, it answers connect as QPI's server does."""
+        `nng_identity` serves another certificate on NNG (tests: an impostor)."""
         self.host, self.port = host, port
         self.driver_name = driver_name
         self.wire_format = wire_format
         self.token = token or secrets.token_urlsafe(24)
         self.acks = acks
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.extensions = extensions
         if identity is None and tls:
             identity = generate_identity(host)
         self.identity = identity
@@ -327,7 +323,7 @@ class LocalOrchestrator:
                                      status=403)
         offered = body.get("wire_formats") or ["json"]
         self._negotiated = self.wire_format if self.wire_format in offered else "json"
-        if self._negotiated not in WIRE_FORMATS or not self.extensions:
+        if self._negotiated not in WIRE_FORMATS:
             self._negotiated = "json"
         self.capabilities = body.get("capabilities") or {}
         self.executor_type = str(body.get("executor") or "")
@@ -347,18 +343,14 @@ class LocalOrchestrator:
             "tls_hash": self.ca_fingerprint or "",
             # A session token of its own: a secret is never echoed back to its sender.
             "auth_token": secrets.token_urlsafe(24),
-        }
-        if not self.extensions:
-            return web.json_response(reply)
-        reply.update({
             "wire_format": self._negotiated,
             "acks": self.acks,
-            # It handles every event type a driver sends, takes them as fast as they
-            # come, and keeps (today: records) transient refusals as answers.
+            # The extensions: it handles every event type a driver sends, takes them as
+            # fast as they come, and records transient refusals as answers.
             "events": [EventType.JOB_RESULT, EventType.HEARTBEAT, EventType.JOB_STATUS],
             "event_rate_limit": 0,
             "accepts_refusals": True,
-        })
+        }
         if self.heartbeat_interval_s:
             reply["heartbeat_interval_s"] = self.heartbeat_interval_s
         return web.json_response(reply)

@@ -129,17 +129,12 @@ class JobRunner:
     def running(self) -> list[str]:
         return [e.job_id for e in self._jobs.values() if e.state is State.RUNNING]
 
-    @property
-    def held(self) -> bool:
+    def hold(self, held: bool) -> None:
         """While held (disabled by an orchestrator that takes no refusals), jobs wait in
         the queue: nothing new is handed to the executor."""
-        return self._held
-
-    @held.setter
-    def held(self, value: bool) -> None:
-        if self._held and not value:
+        if self._held and not held:
             self._wake.set()
-        self._held = value
+        self._held = held
 
     def wake(self) -> None:
         """Look again for a batch to hand over (e.g. the outbox has room again)."""

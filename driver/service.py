@@ -355,7 +355,7 @@ class Driver:
         self._p.status.session = session
         self._p.outbox.connected(reg.acks, reg.events)
         self._p.intake.accepts_refusals = reg.accepts_refusals
-        self._p.runner.held = self._p.intake.disabled and not reg.accepts_refusals
+        self._p.runner.hold(self._p.intake.disabled and not reg.accepts_refusals)
         rate = (reg.event_rate_limit if reg.event_rate_limit is not None
                 else self.settings.event_rate_limit)
         log.info("connected", name=reg.name, host=reg.nng_host, wire_format=reg.wire_format,
@@ -403,21 +403,21 @@ class Driver:
             except Exception:  # a bug in one handler must not stop the receive loop
                 log.exception("event handler failed", size=len(frame))
             if not refusals:
-                self._p.runner.held = self._p.intake.disabled
+                self._p.runner.hold(self._p.intake.disabled)
                 await self._room_for_jobs(session)
 
     async def _room_for_jobs(self, session: OrchestratorSession) -> None:
         """Backpressure for an orchestrator that takes no refusals: while the queue or the
         store is full, read nothing (it keeps the jobs, pending, until the node reads)."""
-        reason = self._p.intake.full()
-        if reason is None:
+        full = self._p.intake.full()
+        if full is None:
             return
-        log.info("holding off dispatches", reason=reason)
+        log.info("holding off dispatches", reason=full.message)
         self.metrics.intake_held.set(1)
         try:
-            while reason is not None and not session.detached.is_set():
+            while full is not None and not session.detached.is_set():
                 await asyncio.sleep(HOLD_POLL_S)
-                reason = self._p.intake.full()
+                full = self._p.intake.full()
         finally:
             self.metrics.intake_held.set(0)
         log.info("reading dispatches again")
