@@ -54,7 +54,6 @@ class AerExecutor(Executor):
         "max_qubits": PositiveInt, "max_shots": PositiveInt,
         "max_parallel_threads": NonNegativeInt, "noise_calibration": str,
     }  # fmt: skip
-    OPTIONS = frozenset(OPTION_TYPES)
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)

@@ -218,9 +218,10 @@ class Executor(abc.ABC):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})
-        unknown = sorted(set(self.options) - self.OPTIONS)
+        names = self.OPTIONS | set(self.OPTION_TYPES)  # a typed option is declared too
+        unknown = sorted(set(self.options) - names)
         if unknown:
-            known = ", ".join(sorted(self.OPTIONS)) or "none"
+            known = ", ".join(sorted(names)) or "none"
             raise OptionError(
                 f"unknown option(s) {', '.join(map(repr, unknown))} for executor "
                 f"{self.name!r}; it knows: {known}"

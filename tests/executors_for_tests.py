@@ -21,7 +21,7 @@ class CountingExecutor(AerExecutor):
     until the file PATH exists: a job that lasts exactly as long as a test wants)."""
 
     name = "counting"
-    OPTIONS = AerExecutor.OPTIONS | {"count_file"}
+    OPTIONS = frozenset({"count_file"})  # beside Aer's typed options, which it inherits
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)

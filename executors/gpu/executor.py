@@ -67,7 +67,6 @@ class GpuExecutor(Executor):
         "seed": int, "device_id": NonNegativeInt, "max_shots": PositiveInt,
         "max_saved_states": NonNegativeInt,
     }  # fmt: skip
-    OPTIONS: ClassVar[frozenset[str]] = frozenset(OPTION_TYPES)
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)  # refuses unknown option names and bad values

@@ -79,7 +79,6 @@ class QibolabExecutor(Executor):
         "optimization_level": Annotated[int, Field(ge=0, le=3)],
         "seed_transpiler": NonNegativeInt,
     }  # fmt: skip
-    OPTIONS = frozenset(OPTION_TYPES)
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
