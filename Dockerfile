@@ -41,6 +41,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY driver ./driver
 COPY executors ./executors
+COPY frontends ./frontends
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # --- cpu: a venv on the same base image the runtime uses (its python path is baked in) --

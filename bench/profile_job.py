@@ -24,9 +24,9 @@ from bench.traffic import SHOTS, Shape, pick
 from driver import __version__
 from driver import payload as payload_codec
 from driver.jobs import Limits, prepare, read_spec, result_map
-from driver.wire import Envelope, EventType, WireFormat, decode, encode
 from executors.aer import AerExecutor
 from executors.base import JobError, JobResult
+from frontends.qpi.wire import Envelope, EventType, WireFormat, decode, encode
 
 # What each stage stands for in the daemon, in the order a job meets them.
 STAGES = {

@@ -24,7 +24,7 @@ import psutil  # a dependency of qiskit-aer, so always present beside the daemon
 
 from bench.throughput import percentile
 from bench.traffic import shapes
-from driver.orchestrator import LocalOrchestrator
+from frontends.qpi.orchestrator import LocalOrchestrator
 from tests.conftest import Daemon, daemon_env, start_daemon
 
 

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.traffic import SHOTS, Shape, pick, texts
-from driver.orchestrator import LocalOrchestrator
-from driver.wire import Envelope, EventType
+from frontends.qpi.orchestrator import LocalOrchestrator
+from frontends.qpi.wire import Envelope, EventType
 from tests.conftest import Daemon, daemon_env, start_daemon
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -234,8 +234,8 @@ def _store(args: argparse.Namespace) -> int:
 async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
     """Run the daemon; in local mode, with the embedded orchestrator beside it. `reload`
     rebuilds the settings from the same flags, environment and file (SIGHUP)."""
-    from driver.orchestrator import LocalOrchestrator
     from driver.service import Driver
+    from frontends.qpi.orchestrator import LocalOrchestrator
 
     orchestrator = None
     if settings.local_mode:
@@ -282,7 +282,7 @@ def _orchestrator(args: argparse.Namespace) -> int:
 
 
 async def _orchestrator_alone(args: argparse.Namespace) -> int:
-    from driver.orchestrator import LocalOrchestrator
+    from frontends.qpi.orchestrator import LocalOrchestrator
 
     orchestrator = LocalOrchestrator(host=args.host, port=args.port, driver_name=args.name,
                                      wire_format=args.wire_format, token=args.token)

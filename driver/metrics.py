@@ -84,6 +84,17 @@ class Metrics:
         self.store_writable = Gauge("qpi_result_store_writable",
                                     "1 while results can be made durable, 0 while the "
                                     "store refuses writes (e.g. disk full)", registry=r)
+        # Per front end (the orchestrators the node serves: qpi, qcos)
+        self.frontend_jobs = Counter("qpi_frontend_jobs", "Jobs finished, by the front end "
+                                     "they came from and outcome", ["frontend", "outcome"],
+                                     registry=r)
+        self.frontend_queue = Gauge("qpi_frontend_queue_depth", "Jobs waiting to run, by "
+                                    "front end", ["frontend"], registry=r)
+        self.frontend_up = Gauge("qpi_frontend_up", "1 while the front end serves (QPI: "
+                                 "connected; QCOS: sockets bound)", ["frontend"], registry=r)
+        self.frontend_requests = Counter("qpi_frontend_requests", "Requests a front end "
+                                         "answered, by operation and reply code",
+                                         ["frontend", "operation", "code"], registry=r)
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)

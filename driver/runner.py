@@ -13,10 +13,12 @@ batch that dies is the first without an answer, and the one behind it never star
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
+import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from driver import logs
@@ -32,7 +34,7 @@ from driver.processes import (
     StartFailedError,
 )
 from driver.settings import Settings
-from driver.store import ResultStore, StoreUnavailable
+from driver.store import QPI, ResultStore, StoreUnavailable
 from executors.base import ErrorCode, JobError
 
 PARSE_AHEAD = 64  # jobs handed to the parser before the executor asks for them
@@ -55,8 +57,13 @@ class State(enum.Enum):
 
 @dataclass(slots=True)
 class Entry:
+    """`ref` names the job inside the node (the parser, the executor): its job_id,
+    unless another front end's job in hand has that id."""
+
     job_id: str
     spec: JobSpec
+    origin: str = QPI
+    ref: str = ""
     state: State = State.WAITING
     prepared: PreparedJob | None = None
     received: float = field(default_factory=time.monotonic)
@@ -78,14 +85,36 @@ class Batch:
         return [e.job_id for e in self.entries]
 
 
+Finish = Callable[[str, list[Outcome]], None]  # (origin, outcomes of its jobs)
+
+
+def by_origin(entries: Iterable[Entry]) -> dict[str, list[Entry]]:
+    groups: dict[str, list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault(entry.origin, []).append(entry)
+    return groups
+
+
+def _fair(ready: list[Entry]) -> list[Entry]:
+    """Ready jobs in the order a batch takes them: one from each front end in turn (in
+    arrival order within each), so a flood from one never starves another."""
+    groups = by_origin(ready)
+    if len(groups) < 2:
+        return ready
+    turns = itertools.zip_longest(*groups.values())
+    return [entry for turn in turns for entry in turn if entry is not None]
+
+
 class JobRunner:
     """Takes admitted jobs, has them parsed ahead, runs them in order in batches, and
-    hands every outcome to `finish` exactly once."""
+    hands every outcome to `finish` exactly once, with the front end it came from.
+    Front ends share it fairly: batches take ready jobs from each in turn."""
 
     def __init__(self, settings: Settings, executor: ExecutorProcess, store: ResultStore,
-                 metrics: Metrics, finish: Callable[[list[Outcome]], None],
-                 announce: Callable[[list[str]], None], changed: Callable[[bool], None],
-                 problems: dict[str, str], may_run: Callable[[], bool] = lambda: True) -> None:
+                 metrics: Metrics, finish: Finish,
+                 announce: Callable[[str, list[str]], None], changed: Callable[[bool], None],
+                 problems: dict[str, str],
+                 may_run: Callable[[str], bool] = lambda origin: True) -> None:
         self._settings = settings
         self.executor = executor
         self._store = store
@@ -94,12 +123,15 @@ class JobRunner:
         self._announce = announce
         self._changed = changed
         self._problems = problems
-        # False while results wait to go out (a paced connection): jobs already read wait
-        # here instead of running ahead of delivery (see Outbox.backlogged).
+        # Per front end: False while its results wait to go out (a paced connection: see
+        # Outbox.backlogged) or its orchestrator holds it; its jobs wait here meanwhile,
+        # and other front ends' jobs run.
         self._may_run = may_run
         self.limits = Limits(1, 1, 1)
         self.parser = CircuitParser(self._parsed)
-        self._jobs: OrderedDict[str, Entry] = OrderedDict()
+        self._jobs: OrderedDict[str, Entry] = OrderedDict()  # by ref, in arrival order
+        self._refs: dict[tuple[str, str], str] = {}  # (origin, job_id) -> ref
+        self._clash = itertools.count(1)
         self._wake = asyncio.Event()
         self._calibration_due = False
         self._stopping = False
@@ -112,32 +144,50 @@ class JobRunner:
         self._restarting = False
         self.batch_started = 0.0
         self._seconds_per_job = 0.0  # moving average over batches: bounds a batch's cost
-        self.calibrated_at = 0.0
-        self._held = False
+        self.calibrated_at = 0.0  # wall time of the last calibration refresh that succeeded
+        self.calibration_failed: tuple[float, str] | None = None  # when the last failed, why
 
     # -- what the other parts read ---------------------------------------------------------
 
     def __contains__(self, job_id: str) -> bool:
-        return job_id in self._jobs
+        """Whether QPI's job `job_id` is in hand (see `in_hand` for any front end)."""
+        return self.in_hand(QPI, job_id)
+
+    def in_hand(self, origin: str, job_id: str) -> bool:
+        return (origin, job_id) in self._refs
+
+    def state_of(self, origin: str, job_id: str) -> State | None:
+        """Where a job in hand stands; None when not in hand, or already answered (one
+        cancelled in the executor's pipe waits there only to be skipped)."""
+        ref = self._refs.get((origin, job_id))
+        if ref is None or self._jobs[ref].answered:
+            return None
+        return self._jobs[ref].state
 
     @property
     def waiting(self) -> int:
         """Jobs in hand that are not running (the queue depth)."""
         return sum(1 for e in self._jobs.values() if e.state is not State.RUNNING)
 
+    def waiting_of(self, origin: str) -> int:
+        return sum(1 for e in self._jobs.values()
+                   if e.origin == origin and e.state is not State.RUNNING)
+
+    def origins(self) -> set[str]:
+        """The front ends with jobs in hand."""
+        return {e.origin for e in self._jobs.values()}
+
+    @property
+    def seconds_per_job(self) -> float:
+        """What a job has taken lately (0: none has run yet)."""
+        return self._seconds_per_job
+
     @property
     def running(self) -> list[str]:
         return [e.job_id for e in self._jobs.values() if e.state is State.RUNNING]
 
-    def hold(self, held: bool) -> None:
-        """While held (disabled by an orchestrator that takes no refusals), jobs wait in
-        the queue: nothing new is handed to the executor."""
-        if self._held and not held:
-            self._wake.set()
-        self._held = held
-
     def wake(self) -> None:
-        """Look again for a batch to hand over (e.g. the outbox has room again)."""
+        """Look again for a batch to hand over (e.g. a front end may run jobs again)."""
         self._wake.set()
 
     # -- admission, parsing, cancel --------------------------------------------------------
@@ -146,9 +196,18 @@ class JobRunner:
         self.limits = limits
         await self.parser.start()
 
-    def admit(self, job_id: str, spec: JobSpec) -> None:
-        self._jobs[job_id] = Entry(job_id, spec)
+    def admit(self, job_id: str, spec: JobSpec, origin: str = QPI) -> None:
+        ref = job_id if job_id not in self._jobs else f"{origin}:{job_id}#{next(self._clash)}"
+        self._jobs[ref] = Entry(job_id, spec, origin, ref)
+        self._refs[(origin, job_id)] = ref
         self._feed_parser()
+
+    def _forget(self, entry: Entry) -> None:
+        if self._jobs.pop(entry.ref, None) is not None:
+            self._refs.pop((entry.origin, entry.job_id), None)
+
+    def _answer(self, entry: Entry, error: JobError) -> None:
+        self._finish(entry.origin, [Outcome.failed(entry.job_id, error)])
 
     def _feed_parser(self) -> None:
         for entry in self._jobs.values():
@@ -156,7 +215,7 @@ class JobRunner:
                 return
             if entry.state is State.WAITING:
                 entry.state = State.PARSING
-                self.parser.submit(ParseJob(entry.job_id, entry.spec, self.limits))
+                self.parser.submit(ParseJob(entry.ref, entry.spec, self.limits))
 
     def _parsed(self, reply: Parsed) -> None:
         entry = self._jobs.get(reply.job_id)
@@ -166,37 +225,38 @@ class JobRunner:
         if reply.prepared is None:
             # It leaves the queue here, as a job that starts does in _run_batch.
             self._metrics.queue_wait.observe(time.monotonic() - entry.received)
-            del self._jobs[reply.job_id]
+            self._forget(entry)
             assert reply.error is not None
-            self._finish([Outcome.failed(reply.job_id, reply.error)])
+            self._answer(entry, reply.error)
         else:
             entry.state, entry.prepared = State.READY, reply.prepared
             self._stage()
         self._feed_parser()
 
-    def cancel(self, job_id: str) -> None:
-        entry = self._jobs.get(job_id)
-        if entry is None:
-            return
+    def cancel(self, job_id: str, origin: str = QPI) -> bool:
+        """Cancel a job in hand (its answer goes to `finish`); False if not in hand."""
+        ref = self._refs.get((origin, job_id))
+        if ref is None:
+            return False
+        entry = self._jobs[ref]
         if entry.state is State.HANDED:
             # Left out of its batch if that has not started; if it has (the answer that
             # it did is on its way), its result is dropped: the job stays cancelled.
             if not entry.answered:
                 entry.cancelled = entry.answered = True
-                self.executor.skip([job_id])
-                self._finish([Outcome.failed(job_id, JobError(
-                    ErrorCode.JOB_CANCELLED, "cancelled before it ran (next in line at the "
-                    "executor)"))])
-            return
+                self.executor.skip([ref])
+                self._answer(entry, JobError(ErrorCode.JOB_CANCELLED, "cancelled before it "
+                                             "ran (next in line at the executor)"))
+            return True
         if entry.state is not State.RUNNING:
-            del self._jobs[job_id]
-            self._finish([Outcome.failed(job_id, JobError(ErrorCode.JOB_CANCELLED,
-                                                          "cancelled while queued"))])
+            self._forget(entry)
+            self._answer(entry, JobError(ErrorCode.JOB_CANCELLED, "cancelled while queued"))
             self._feed_parser()
-            return
+            return True
         entry.cancelled = True
         log.info("cancelling the running job: stopping the executor", job_id=job_id)
         self.executor.kill()
+        return True
 
     def request_calibration(self) -> None:
         self._calibration_due = True
@@ -223,7 +283,9 @@ class JobRunner:
         self._wake.set()
 
     def _next_batch(self) -> list[Entry]:
-        ready = [e for e in self._jobs.values() if e.state is State.READY]
+        allowed: dict[str, bool] = {}
+        ready = _fair([e for e in self._jobs.values() if e.state is State.READY and
+                       allowed.setdefault(e.origin, self._may_run(e.origin))])
         if not ready:
             return []
         # Jobs that ask for their own timeout run alone, so the timeout is theirs. Others
@@ -247,8 +309,7 @@ class JobRunner:
         """Hand the executor the next batch: at once when it has none, or, behind the
         one running, once that is STAGE_AT through its expected time."""
         while (len(self._batches) < PIPELINE and not self._stopping and not self._restarting
-               and not self._calibration_due and not self._held and self._may_run()
-               and (not self._batches or self._stage_open)):
+               and not self._calibration_due and (not self._batches or self._stage_open)):
             entries = self._next_batch()
             if not entries:
                 return
@@ -264,18 +325,21 @@ class JobRunner:
     def _mark_running(self, entries: list[Entry]) -> bool:
         ids = [e.job_id for e in entries]
         try:
-            self._store.mark_running(ids)
+            for origin, group in by_origin(entries).items():
+                self._store.mark_running([e.job_id for e in group], origin)
         except StoreUnavailable as exc:
             # Without the mark a crash could run it twice: answer it, do not run it.
             # The store keeps the reason (ResultStore.problem): the node reports degraded
-            # and intake refuses new work until a write succeeds again.
+            # and intake refuses new work until a write succeeds again. (Jobs of one front
+            # end already marked are answered too: they stay marked, answered failed.)
             log.error("cannot record that jobs start; not running them", reason=exc.reason,
                       jobs=ids)
-            for job_id in ids:
-                del self._jobs[job_id]
             refusal = JobError(ErrorCode.QUOTA_EXCEEDED, f"the driver cannot record this "
                                f"job durably ({exc.reason}); it was not run. Retry later.")
-            self._finish([Outcome.failed(job_id, refusal) for job_id in ids])
+            for origin, group in by_origin(entries).items():
+                for entry in group:
+                    self._forget(entry)
+                self._finish(origin, [Outcome.failed(e.job_id, refusal) for e in group])
             self._changed(False)
             return False
         return True
@@ -324,14 +388,14 @@ class JobRunner:
                 return
         self._begin(head)
         announce = asyncio.get_running_loop().call_later(
-            RUNNING_STATUS_AFTER_S, self._announce_running, head.ids)
+            RUNNING_STATUS_AFTER_S, self._announce_running, head.entries)
         try:
             outcomes = await self._outcomes(head)
         except Exception as exc:  # a bug here must cost this batch, not the runner
             log.exception("running a batch failed", jobs=head.ids)
             failed = JobError(ErrorCode.JOB_FAILED, f"the driver failed to run this job: "
                               f"{type(exc).__name__}: {exc!s:.300}")
-            outcomes = [Outcome.failed(job_id, failed) for job_id in head.ids]
+            outcomes = [Outcome.failed(e.ref, failed) for e in head.entries]
         announce.cancel()
         if self._batches and self._batches[0] is head:
             self._batches.popleft()
@@ -356,7 +420,7 @@ class JobRunner:
                                f"the job ran past its timeout of {timeout:g} s and was stopped")
             self._batches.popleft()
             await self._fresh_executor()
-            return [Outcome.failed(job_id, failure) for job_id in head.ids]
+            return [Outcome.failed(e.ref, failure) for e in head.entries]
         except ProcessDied as exc:
             self._batches.popleft()
             await self._fresh_executor()
@@ -375,7 +439,7 @@ class JobRunner:
         for batch in list(self._batches):
             for entry in batch.entries:
                 if entry.answered:  # cancelled while it waited: never to run
-                    self._jobs.pop(entry.job_id, None)
+                    self._forget(entry)
             batch.entries = [e for e in batch.entries if not e.answered]
             if batch.entries:
                 self._submit(batch)
@@ -388,11 +452,12 @@ class JobRunner:
         them may run), or answered if cancelled meanwhile."""
         for entry in batch.entries:
             if entry.answered:
-                self._jobs.pop(entry.job_id, None)
+                self._forget(entry)
             else:
                 entry.state = State.READY
         try:
-            self._store.unmark_running(batch.ids)
+            for origin, group in by_origin(batch.entries).items():
+                self._store.unmark_running([e.job_id for e in group], origin)
         except StoreUnavailable as exc:  # they stay marked: a restart answers them failed
             log.warning("cannot unmark jobs that never ran", reason=exc.reason, jobs=batch.ids)
 
@@ -402,38 +467,40 @@ class JobRunner:
         per_job = elapsed / len(head.entries)
         self._seconds_per_job = (per_job if not self._seconds_per_job
                                  else 0.8 * self._seconds_per_job + 0.2 * per_job)
-        by_id = {o.job_id: o for o in outcomes}
-        answers = []
+        by_ref = {o.job_id: o for o in outcomes}  # the executor knows jobs by their ref
+        answers: dict[str, list[Outcome]] = {}
         for entry in head.entries:
-            self._jobs.pop(entry.job_id, None)
+            self._forget(entry)
             if entry.answered:
                 continue  # cancelled while handed over: answered then
-            outcome = by_id.get(entry.job_id)
+            outcome = by_ref.get(entry.ref)
             if outcome is None:  # a bug; the job is still owed an answer
                 log.error("the executor's answer left out a job", job_id=entry.job_id)
                 outcome = Outcome.failed(entry.job_id, JobError(
                     ErrorCode.JOB_FAILED, "the driver lost track of this job's result"))
-            answers.append(outcome)
+            elif entry.ref != entry.job_id:
+                outcome = dataclasses.replace(outcome, job_id=entry.job_id)
+            answers.setdefault(entry.origin, []).append(outcome)
             log.info("job finished", job_id=entry.job_id, ok=outcome.ok,
                      error_code=None if outcome.error is None else outcome.error.code,
                      seconds=round(time.monotonic() - entry.received, 4))
-        self._finish(answers)
+        for origin, done in answers.items():
+            self._finish(origin, done)
         self._changed(False)
 
-    def _announce_running(self, ids: list[str]) -> None:
-        still = [job_id for job_id in ids
-                 if (e := self._jobs.get(job_id)) is not None and e.state is State.RUNNING]
-        if still:
-            self._announce(still)
+    def _announce_running(self, entries: list[Entry]) -> None:
+        still = [e for e in entries if self._jobs.get(e.ref) is e and e.state is State.RUNNING]
+        for origin, group in by_origin(still).items():
+            self._announce(origin, [e.job_id for e in group])
 
     @staticmethod
     def _crashed(entry: Entry, reason: str, size: int) -> Outcome:
         if entry.cancelled:
-            return Outcome.failed(entry.job_id, JobError(ErrorCode.JOB_CANCELLED,
-                                                         "cancelled while running"))
+            return Outcome.failed(entry.ref, JobError(ErrorCode.JOB_CANCELLED,
+                                                      "cancelled while running"))
         log.error("executor crashed", job_id=entry.job_id, reason=reason)
         together = f" (one of {size} run together)" if size > 1 else ""
-        return Outcome.failed(entry.job_id, JobError(
+        return Outcome.failed(entry.ref, JobError(
             ErrorCode.EXECUTOR_CRASHED,
             f"{reason} while running this job{together}; a fresh executor has started, "
             "resubmit to retry"))
@@ -465,7 +532,9 @@ class JobRunner:
             await asyncio.wait_for(self.executor.refresh_calibration(), 60)
         except (TimeoutError, ProcessDied) as exc:
             log.warning("calibration refresh failed", reason=str(exc))
+            self.calibration_failed = (time.time(), str(exc) or type(exc).__name__)
             await self.restart_executor()
+            self._changed(True)
             return
         self.calibrated_at = time.time()
         self._changed(True)  # the next heartbeat carries the fresh calibration

@@ -1,6 +1,6 @@
-"""The daemon's life story: open the store, start the executor (checking the
-orchestrator meanwhile), register, serve, drain, stop. `Driver.run()` reads in that
-order; each concern is a part of its own (see docs/architecture.md)."""
+"""The daemon's life story: open the store, start the executor (each front end
+checking its orchestrator meanwhile), serve every front end, drain, stop. `Driver.run()`
+reads in that order; each concern is a part of its own (see docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -13,46 +13,23 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import pynng
-
 from driver import __version__, logs
-from driver.exits import (
-    EX_CANTCREAT,
-    EX_CONFIG,
-    EX_DATAERR,
-    EX_NOPERM,
-    EX_SOFTWARE,
-    EX_UNAVAILABLE,
-)
-from driver.intake import Acknowledge, Admit, Answer, Cancel, Decision, Intake, Resend
+from driver.core import Core, Frontend, load_frontend
+from driver.exits import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_SOFTWARE, EX_UNAVAILABLE
 from driver.jobs import Limits
 from driver.metrics import HealthServer, Metrics, try_nvml
-from driver.outbox import Outbox
 from driver.processes import ExecutorProcess, StartFailedError
-from driver.registration import (
-    Backoff,
-    BadToken,
-    DriverDisabled,
-    OrchestratorDown,
-    ProtocolMismatch,
-    Registrar,
-    sleep_or_exit,
-)
 from driver.runner import JobRunner
 from driver.sdnotify import Notifier
-from driver.session import OrchestratorSession
 from driver.settings import ConfigError, Settings
-from driver.status import NodeStatus, announcer
+from driver.status import NodeStatus
 from driver.store import ResultStore
 from driver.store_repair import describe_open_failure
-from driver.tls import FingerprintMismatch
-from driver.tls_diagnosis import diagnose
-from driver.wire import EventType
 
 FAULT_RETRY_S = 5.0
 PRUNE_EVERY_S = 600.0
 TASK_RESTARTS_PER_MINUTE = 5
-HOLD_POLL_S = 0.02  # while reading is held off: how often to look for room again
+FRONTEND_DRAIN_S = 15.0  # after the runner drained: how long front ends may take to finish
 
 
 log = logs.get("qpi.driver")
@@ -62,10 +39,10 @@ log = logs.get("qpi.driver")
 class Parts:
     """What the Driver builds once the store is open."""
 
-    outbox: Outbox
+    core: Core
     runner: JobRunner
     status: NodeStatus
-    intake: Intake
+    frontends: list[Frontend]
 
 
 class Driver:
@@ -86,7 +63,6 @@ class Driver:
         self._health: HealthServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._signals = 0
-        self._sessions = 0
 
     # -- life story -------------------------------------------------------------------------
 
@@ -109,56 +85,50 @@ class Driver:
         if code:
             return code
         assert self.store is not None
-        self._assemble(self.store)
+        code = self._assemble(self.store)
+        if code:
+            return code
         self.notifier.status(f"starting executor {self.settings.executor}")
         code = await self._start_executor()
         if code:
             return code
         runner = self._p.runner
-        for name, part in (("job-runner", runner.run), ("parser", runner.parser.serve),
-                           ("store-retry", self._p.outbox.retry_store),
-                           ("calibration", self._calibration_schedule),
-                           ("prune", self._prune_store)):
+        parts = {"job-runner": runner.run, "parser": runner.parser.serve,
+                 "calibration": self._calibration_schedule, "prune": self._prune_store}
+        for frontend in self._p.frontends:
+            parts.update(frontend.background())
+        for name, part in parts.items():
             self._supervise(name, part)
-        self.notifier.status("executor ready; registering with the orchestrator")
+        self.notifier.status("executor ready; serving " + ", ".join(
+            f.name for f in self._p.frontends))
         return 0
 
     async def serve(self) -> int:
-        """Register, dial, serve one connection; again after every disconnect."""
-        registrar = Registrar(self.settings, self._p.status.capabilities)
-        backoff = Backoff(cap=self.settings.backoff_max_s)
-        while not self.should_exit.is_set():
-            session: OrchestratorSession | None = None
-            try:
-                session = OrchestratorSession(await registrar.connect(),
-                                              self.settings.max_frame_bytes)
-                await session.open()
-            except BadToken as exc:
-                log.error("registration refused", reason=str(exc))
-                return EX_CONFIG
-            except FingerprintMismatch as exc:
-                log.critical("root CA fingerprint mismatch", reason=str(exc))
-                return EX_NOPERM
-            except DriverDisabled as exc:
-                log.warning("driver disabled", reason=str(exc), retry_in_s=exc.retry_after)
-                self._p.status.problems["disabled"] = ("disabled by the orchestrator's "
-                                                       "administrator (403)")
-                self._p.status.changed()
-                self.notifier.status("disabled by the orchestrator; retrying every "
-                                     f"{exc.retry_after or 60.0:g} s")
-                await self._retry_in(exc.retry_after or 60.0)
-                continue
-            except (OrchestratorDown, ProtocolMismatch, pynng.NNGException) as exc:
-                delay = backoff.next_delay()
-                await self._unreachable(exc, session, delay)
-                await self._retry_in(delay)
-                continue
-            backoff.reset()
-            self._p.status.problems.pop("tls", None)
-            self._p.status.problems.pop("disabled", None)
-            assert session is not None
-            await self._serve_session(session)
-        return 0
+        """Serve every front end until the node stops or one of them ends (its code is the
+        node's); then drain the runner and let each front end hand over what is owed."""
+        serving = {asyncio.create_task(f.serve(), name=f"frontend-{f.name}"): f
+                   for f in self._p.frontends}
+        stop = asyncio.create_task(self.should_exit.wait())
+        done, _ = await asyncio.wait([stop, *serving], return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        for task in done:
+            if task is not stop:
+                code = code or _ended(task, serving[task].name)
+        if not self.should_exit.is_set():
+            self.stop(code)
+        await self._p.runner.drain(self.settings.drain_timeout_s)
+        self._p.core.drained.set()
+        pending = [t for t in serving if not t.done()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=FRONTEND_DRAIN_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for task in pending:
+                if not task.cancelled():
+                    code = code or _ended(task, serving[task].name)
+        stop.cancel()
+        return code
 
     async def shutdown(self) -> None:
         if self._health is not None:
@@ -169,8 +139,8 @@ class Driver:
         owed = queued = 0
         if self.parts is not None:
             await self.parts.runner.stop()
-            self.parts.outbox.close()
-            owed, queued = self.parts.outbox.owed_on_disk(), self.parts.runner.waiting
+            owed = sum(frontend.close() for frontend in self.parts.frontends)
+            queued = self.parts.runner.waiting
         else:
             await self.executor.stop()
         if self.store is not None:
@@ -199,7 +169,8 @@ class Driver:
         if self.parts is not None:
             self._p.runner.stop_taking_jobs()
             self._p.status.draining = True
-            self._p.status.beat()  # the orchestrator hears "draining" before the pipes close
+            for frontend in self._p.frontends:
+                frontend.draining()  # each orchestrator hears it before the pipes close
 
     def handle_reload(self) -> None:
         """SIGHUP: re-read the configuration for what can change live (logging), and
@@ -256,20 +227,33 @@ class Driver:
                         jobs=len(interrupted))
         return 0
 
-    def _assemble(self, store: ResultStore) -> None:
-        """Build the parts around the store: outbox, runner, status, intake."""
-        outbox = Outbox(store, self.metrics, self.settings.executor, self._changed)
+    def _assemble(self, store: ResultStore) -> int:
+        """Build the parts around the store: the core (runner, status) and the front ends
+        the settings name."""
         problems: dict[str, str] = {}
-        runner = JobRunner(self.settings, self.executor, store, self.metrics, outbox.finish,
-                           announcer(outbox), self._changed, problems,
-                           may_run=lambda: not outbox.backlogged)
-        outbox.on_room = runner.wake
-        status = NodeStatus(self.settings.executor, self.metrics, runner, outbox, store,
+        runner = JobRunner(self.settings, self.executor, store, self.metrics,
+                           lambda origin, outcomes: self._p.core.finish(origin, outcomes),
+                           lambda origin, ids: self._p.core.started(origin, ids),
+                           self._changed, problems,
+                           may_run=lambda origin: self._p.core.may_run(origin))
+        status = NodeStatus(self.settings.executor, self.metrics, runner, store,
                             self.notifier, problems)
-        intake = Intake(self.metrics, store, self.settings.max_queued_jobs,
-                        runner.__contains__, lambda: runner.waiting)
+        core = Core(self.settings, self.metrics, store, runner, status, self.notifier,
+                    self.should_exit)
+        frontends: list[Frontend] = []
+        for name in self.settings.frontends:
+            try:
+                frontend = load_frontend(name)(core)
+            except ValueError as exc:
+                log.error("front end unavailable", frontend=name, reason=str(exc))
+                return EX_CONFIG
+            core.attach(frontend)
+            frontends.append(frontend)
+        status.frontend_reasons = lambda: [r for f in frontends for r in f.unready()]
+        status.frontend_summary = lambda: "; ".join(f.describe() for f in frontends)
         self.metrics.queue_depth.set_function(lambda: runner.waiting)
-        self.parts = Parts(outbox, runner, status, intake)
+        self.parts = Parts(core, runner, status, frontends)
+        return 0
 
     @property
     def _p(self) -> Parts:
@@ -277,35 +261,37 @@ class Driver:
         return self.parts
 
     def _changed(self, beat: bool = False) -> None:
-        self._p.status.changed(beat)
+        self._p.core.changed(beat)
 
     async def _start_executor(self) -> int:
-        """Start the executor; meanwhile check that the orchestrator answers and its CA
-        matches the pin, so a wrong URL or fingerprint is reported without waiting."""
+        """Start the executor; meanwhile each front end checks its orchestrator (QPI: it
+        answers and its CA matches the pin), so a wrong URL or fingerprint is reported
+        without waiting."""
         s = self.settings
-        check = asyncio.create_task(Registrar(s, dict).preflight())
+        checks = [asyncio.create_task(f.preflight()) for f in self._p.frontends]
         start = asyncio.create_task(self.executor.start())
-        await asyncio.wait([check, start], return_when=asyncio.FIRST_COMPLETED)
-        if check.done() and isinstance(check.exception(), FingerprintMismatch):
-            log.critical("root CA fingerprint mismatch", reason=str(check.exception()))
-            start.cancel()
-            await asyncio.gather(start, return_exceptions=True)
-            return EX_NOPERM
+        pending: set[asyncio.Task[Any]] = {start, *checks}
+        while not start.done():
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            failed = [c.result() for c in done if c is not start and c.result()]
+            if failed:
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                return int(failed[0])
         try:
             await start
         except StartFailedError as exc:
-            check.cancel()
+            for task in checks:
+                task.cancel()
+            await asyncio.gather(*checks, return_exceptions=True)
             log.error("executor unavailable", executor=s.executor, reason=exc.reason)
             if exc.misconfigured:
                 return EX_CONFIG
             return EX_UNAVAILABLE if exc.unavailable else 1
-        try:
-            await check
-        except FingerprintMismatch as exc:
-            log.critical("root CA fingerprint mismatch", reason=str(exc))
-            return EX_NOPERM
-        except (OrchestratorDown, ProtocolMismatch) as exc:
-            log.warning("orchestrator not reachable yet; will keep trying", reason=str(exc))
+        for code in await asyncio.gather(*checks):
+            if code:
+                return int(code)
         caps = self.executor.capabilities
         self._p.runner.calibrated_at = time.time()
         self.metrics.executor_info.info({"executor": s.executor, "device": str(caps.device),
@@ -316,7 +302,7 @@ class Driver:
         limits = Limits(max_qubits=min(s.max_qubits or caps.max_qubits, caps.max_qubits),
                         max_shots=min(s.max_shots, caps.max_shots),
                         max_circuits=s.max_circuits, max_circuit_bytes=s.max_circuit_bytes)
-        self._p.intake.limits, self._p.intake.meas_levels = limits, tuple(caps.meas_levels)
+        self._p.core.limits, self._p.core.meas_levels = limits, tuple(caps.meas_levels)
         await self._p.runner.start(limits)
         log.info("executor ready", executor=s.executor, pid=self.executor.pid,
                  max_qubits=limits.max_qubits, device=caps.device, precision=caps.precision)
@@ -327,115 +313,6 @@ class Driver:
             self.notifier.status(f"stopping: {name} keeps failing")
             self.stop(EX_SOFTWARE)
         self._tasks.append(asyncio.create_task(supervised(name, part, give_up), name=name))
-
-    # -- serving ------------------------------------------------------------------------------
-
-    async def _retry_in(self, delay: float) -> None:
-        if self._sessions == 0:  # before the first READY, retrying must not trip systemd
-            self.notifier.extend_timeout(delay + self.settings.connect_timeout_s + 30)
-        await sleep_or_exit(delay, self.should_exit)
-
-    async def _unreachable(self, exc: Exception, session: OrchestratorSession | None,
-                           delay: float) -> None:
-        verdict = None
-        if isinstance(exc, pynng.exceptions.CryptoError) and session is not None:
-            verdict = await _diagnose_tls(session)
-        if verdict is not None:
-            check, message = verdict
-            log.error("orchestrator certificate rejected", check=check, reason=message,
-                      retry_in_s=round(delay, 2))
-            self._p.status.problems["tls"] = f"orchestrator certificate rejected ({check})"
-            self._p.status.changed()
-        else:
-            log.warning("orchestrator not reachable", reason=str(exc), retry_in_s=round(delay, 2))
-        self.notifier.status(f"orchestrator not reachable; retrying in {delay:.1f} s")
-
-    async def _serve_session(self, session: OrchestratorSession) -> None:
-        reg = session.registration
-        self._p.status.session = session
-        self._p.outbox.connected(reg.acks, reg.events)
-        self._p.intake.accepts_refusals = reg.accepts_refusals
-        self._p.runner.hold(self._p.intake.disabled and not reg.accepts_refusals)
-        rate = (reg.event_rate_limit if reg.event_rate_limit is not None
-                else self.settings.event_rate_limit)
-        log.info("connected", name=reg.name, host=reg.nng_host, wire_format=reg.wire_format,
-                 tls=reg.ca_pem is not None, results_owed=self._p.outbox.owed,
-                 events=sorted(reg.events), events_per_s=rate or None, acks=reg.acks,
-                 refusals=reg.accepts_refusals)
-        self._sessions += 1
-        if self._sessions > 1:
-            self.metrics.reconnects.inc()
-        self.metrics.connected.set(1)
-        tasks = [asyncio.create_task(self._receive(session), name="receive"),
-                 asyncio.create_task(self._p.outbox.pump(session, rate), name="send")]
-        if EventType.HEARTBEAT in reg.events:
-            interval = reg.heartbeat_interval_s or self.settings.heartbeat_interval
-            tasks.append(asyncio.create_task(self._p.status.heartbeats(interval),
-                                             name="heartbeat"))
-        (self.notifier.ready if self._sessions == 1 else self.notifier.status)(
-            self._p.status.describe())
-        stop = asyncio.create_task(self.should_exit.wait())
-        gone = asyncio.create_task(session.detached.wait())
-        try:
-            await asyncio.wait([stop, gone, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            if self.should_exit.is_set():
-                await self._p.runner.drain(self.settings.drain_timeout_s)
-                await self._p.outbox.drained(session, 5.0)
-        finally:
-            self._p.status.session = None
-            self.metrics.connected.set(0)
-            for task in (*tasks, stop, gone):
-                task.cancel()
-            session.close()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if not self.should_exit.is_set():
-            log.warning("disconnected from orchestrator; registering again",
-                        results_owed=self._p.outbox.owed)
-            self.notifier.status("disconnected; registering again")
-
-    async def _receive(self, session: OrchestratorSession) -> None:
-        refusals = session.registration.accepts_refusals
-        async for frame in session.frames():
-            if self.should_exit.is_set():
-                return
-            try:
-                self._route(self._p.intake.decide(frame))
-            except Exception:  # a bug in one handler must not stop the receive loop
-                log.exception("event handler failed", size=len(frame))
-            if not refusals:
-                self._p.runner.hold(self._p.intake.disabled)
-                await self._room_for_jobs(session)
-
-    async def _room_for_jobs(self, session: OrchestratorSession) -> None:
-        """Backpressure for an orchestrator that takes no refusals: while the queue or the
-        store is full, read nothing (it keeps the jobs, pending, until the node reads)."""
-        full = self._p.intake.full()
-        if full is None:
-            return
-        log.info("holding off dispatches", reason=full.message)
-        self.metrics.intake_held.set(1)
-        try:
-            while full is not None and not session.detached.is_set():
-                await asyncio.sleep(HOLD_POLL_S)
-                full = self._p.intake.full()
-        finally:
-            self.metrics.intake_held.set(0)
-        log.info("reading dispatches again")
-
-    def _route(self, decision: Decision) -> None:
-        match decision:
-            case Admit(job_id, spec):
-                self._p.runner.admit(job_id, spec)
-            case Answer(outcome, durable=True):
-                self._p.outbox.finish([outcome])
-            case Answer(outcome, durable=False):
-                self._p.outbox.answer(outcome)
-            case Resend(outcome):
-                self._p.outbox.resend(outcome)
-            case Cancel(job_id):
-                self._p.runner.cancel(job_id)
-            case Acknowledge(job_id):
-                self._p.outbox.acked(job_id)
 
     # -- schedules ----------------------------------------------------------------------------
 
@@ -475,12 +352,10 @@ async def supervised(name: str, part: Callable[[], Coroutine[Any, Any, None]],
             await asyncio.sleep(pause_s)
 
 
-async def _diagnose_tls(session: OrchestratorSession) -> tuple[str, str] | None:
-    """Why the NNG endpoint's certificate was refused (issuer or host name), if known."""
-    reg = session.registration
-    if reg.ca_pem is None:
-        return None
-    verdict = await asyncio.to_thread(diagnose, reg.nng_host, reg.nng_in_port, reg.ca_pem)
-    if verdict is None:
-        return None
-    return str(verdict.check), str(verdict.message)
+def _ended(task: asyncio.Task[int], name: str) -> int:
+    """The exit code a front end's `serve` ended with (a crash in one is EX_SOFTWARE)."""
+    exc = task.exception()
+    if exc is None:
+        return task.result()
+    log.critical("a front end failed; stopping", frontend=name, exc_info=exc)
+    return EX_SOFTWARE

@@ -11,7 +11,7 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -25,12 +25,13 @@ from pydantic import (
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
-from driver.tls import normalise
+from frontends.qpi.tls import normalise
 
 _config_file: ContextVar[Path | None] = ContextVar("qpi_config_file", default=None)
 # `config check` outside systemd: the token is the unit's credential, absent in a shell.
@@ -110,9 +111,44 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(10.0, gt=0, description="seconds between heartbeats")
     calibration_interval_s: float = Field(300.0, gt=0, description="calibration refresh period")
 
+    # Front ends: the orchestrators this node serves (driver/core.py FRONTENDS)
+    frontends: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["qpi"],
+        description="front ends to serve, comma-separated: qpi, qcos (or module:Class)")
+    qcos_endpoint: str = Field("tcp://127.0.0.1:7610",
+                               description="QCOS front end: the ROUTER QCOS's driver connects to")
+    qcos_events: str = Field("tcp://127.0.0.1:7611",
+                             description="QCOS front end: the PUB socket for its events")
+    qcos_device_id: str = Field("qpi-node", min_length=1,
+                                description="QCOS device id (QCOS's driver names the same)")
+
     # Embedded orchestrator (local mode)
     local_host: str = "127.0.0.1"
     local_port: int = Field(8090, ge=0, le=65535)
+
+    @field_validator("frontends", mode="before")
+    @classmethod
+    def _frontends(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list | tuple):
+            names = list(dict.fromkeys(str(v).strip() for v in value if str(v).strip()))
+            if not names:
+                raise ValueError("name at least one front end: qpi, qcos")
+            for name in names:
+                if name not in ("qpi", "qcos") and ":" not in name:
+                    raise ValueError(f"unknown front end {name!r}; known: qpi, qcos "
+                                     "(or module:Class)")
+            return names
+        return value
+
+    @field_validator("qcos_endpoint", "qcos_events")
+    @classmethod
+    def _zmq_endpoint(cls, value: str) -> str:
+        if not value.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"must be a ZeroMQ endpoint (tcp://host:port or ipc://path), "
+                             f"got {value!r}")
+        return value
 
     @field_validator("ca_fingerprint")
     @classmethod
@@ -160,6 +196,11 @@ class Settings(BaseSettings):
                 if not token:
                     raise ValueError(f"access_token_file {str(path)!r} is empty")
                 self.access_token = SecretStr(token)
+        if self.orchestrator_url is None and "qpi" in self.frontends and len(self.frontends) > 1:
+            raise ValueError(
+                "orchestrator_url is required to serve QPI beside another front end (the "
+                "embedded stand-in is for a node that serves QPI alone); set QPI_ADDR, or "
+                "drop qpi from frontends")
         if self.orchestrator_url is not None:
             if self.access_token is None and not _token_elsewhere.get():
                 raise ValueError(
@@ -175,7 +216,9 @@ class Settings(BaseSettings):
 
     @property
     def local_mode(self) -> bool:
-        return self.orchestrator_url is None
+        """QPI without an orchestrator: the embedded stand-in serves as one. A node that
+        serves only other orchestrators (QCOS) starts none."""
+        return self.orchestrator_url is None and "qpi" in self.frontends
 
     def token_file_warning(self) -> str | None:
         """A warning when the token file can be read by other users."""

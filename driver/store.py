@@ -1,7 +1,8 @@
-"""The durable result store: sqlite in WAL mode in the data directory, keyed by
-job_id. Results are written before they are sent and kept until delivered (or
-acknowledged), then for a retention period, so duplicates are answered without
-re-running and nothing owed is lost to a crash or a restart."""
+"""The durable result store: sqlite in WAL mode in the data directory, keyed by the
+front end a job came from (`origin`: "qpi", "qcos") and its job_id there, so two
+orchestrators' jobs never collide. Results are written before they are sent and kept
+until delivered (or acknowledged), then for a retention period, so duplicates are
+answered without re-running and nothing owed is lost to a crash or a restart."""
 
 from __future__ import annotations
 
@@ -17,20 +18,32 @@ from driver import logs
 from driver.outcome import Outcome
 
 # The jobs table's columns, in its order: what store_repair salvages and writes back.
-COLUMNS = ("job_id", "state", "result", "started", "finished", "delivered", "acked")
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id    TEXT PRIMARY KEY,
+COLUMNS = ("job_id", "state", "result", "started", "finished", "delivered", "acked", "origin")
+QPI = "qpi"  # the origin of every job in a store written before there were front ends
+_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    job_id    TEXT NOT NULL,
     state     TEXT NOT NULL,          -- running | done
     result    BLOB,                   -- msgpack of the result map, when done
     started   REAL NOT NULL,
     finished  REAL,
-    delivered INTEGER NOT NULL DEFAULT 0,  -- handed to a live pipe
-    acked     INTEGER NOT NULL DEFAULT 0   -- ResultAck received
+    delivered INTEGER NOT NULL DEFAULT 0,  -- handed to a live pipe (or, polled: kept)
+    acked     INTEGER NOT NULL DEFAULT 0,  -- ResultAck received
+    origin    TEXT NOT NULL DEFAULT 'qpi', -- the front end the job came from
+    PRIMARY KEY (origin, job_id)
 );
-CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (state, delivered, acked);
+"""
+_SCHEMA = _TABLE.format(name="jobs") + """
+CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (origin, state, delivered, acked);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished);
 CREATE TABLE IF NOT EXISTS probe (filler BLOB);
+"""
+# A store from before front ends (no `origin`, keyed by job_id alone): its rows are QPI's.
+_OLD = ", ".join(COLUMNS[:-1])
+_MIGRATE = _TABLE.format(name="jobs_v2") + f"""
+INSERT INTO jobs_v2 ({_OLD}) SELECT {_OLD} FROM jobs;
+DROP TABLE jobs;
+ALTER TABLE jobs_v2 RENAME TO jobs;
 """
 
 PROBE_BYTES = 64 * 1024  # room a write must find before the store counts as writable again
@@ -67,6 +80,10 @@ class ResultStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL survives a process crash; only a power cut can lose the last commit.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(jobs)")]
+        if columns and "origin" not in columns:
+            self._db.executescript(f"BEGIN; DROP INDEX IF EXISTS jobs_pending; {_MIGRATE} "
+                                   "COMMIT;")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -93,45 +110,53 @@ class ResultStore:
                      ("DELETE FROM probe", [()])])
 
     def recover_interrupted(self) -> list[str]:
-        """Jobs left `running` by a crash: answer them with an error, never re-run."""
-        rows = [r[0] for r in self._db.execute("SELECT job_id FROM jobs WHERE state='running'")]
+        """Jobs left `running` by a crash (of any front end): answer them with an error,
+        never re-run."""
+        rows = [(r[0], r[1]) for r in
+                self._db.execute("SELECT origin, job_id FROM jobs WHERE state='running'")]
         if rows:
             blob = msgpack.packb(INTERRUPTED)
-            self._write([("UPDATE jobs SET state='done', result=?, finished=? WHERE job_id=?",
-                          [(blob, time.time(), job_id) for job_id in rows])])
-        return rows
+            self._write([("UPDATE jobs SET state='done', result=?, finished=? "
+                          "WHERE origin=? AND job_id=?",
+                          [(blob, time.time(), *key) for key in rows])])
+        return [job_id for _, job_id in rows]
 
-    def mark_running(self, job_ids: Iterable[str]) -> None:
+    def mark_running(self, job_ids: Iterable[str], origin: str = QPI) -> None:
         now = time.time()
-        self._write([("INSERT OR IGNORE INTO jobs (job_id, state, started) "
-                      "VALUES (?, 'running', ?)", [(job_id, now) for job_id in job_ids])])
+        self._write([("INSERT OR IGNORE INTO jobs (origin, job_id, state, started) "
+                      "VALUES (?, ?, 'running', ?)",
+                      [(origin, job_id, now) for job_id in job_ids])])
 
-    def unmark_running(self, job_ids: Iterable[str]) -> None:
+    def unmark_running(self, job_ids: Iterable[str], origin: str = QPI) -> None:
         """Jobs marked running that never reached the executor (it stopped first): a
         later dispatch of them may run."""
-        self._write([("DELETE FROM jobs WHERE job_id=? AND state='running'",
-                      [(job_id,) for job_id in job_ids])])
+        self._write([("DELETE FROM jobs WHERE origin=? AND job_id=? AND state='running'",
+                      [(origin, job_id) for job_id in job_ids])])
 
-    def finish(self, outcomes: Iterable[Outcome], delivered: Iterable[str] = ()) -> list[Outcome]:
+    def finish(self, outcomes: Iterable[Outcome], delivered: Iterable[str] = (),
+               origin: str = QPI, *, all_delivered: bool = False) -> list[Outcome]:
         """Store outcomes (and, in the same transaction, earlier deliveries); returns them
-        as stored, made encodable where they were not. StoreUnavailable if not written."""
+        as stored, made encodable where they were not. StoreUnavailable if not written.
+        `all_delivered`: a front end that is polled for results stores them delivered."""
         now = time.time()
         stored, rows = [], []
         for outcome in outcomes:
             outcome, blob = packed(outcome)
             stored.append(outcome)
-            rows.append((outcome.job_id, blob, now, now))
+            rows.append((origin, outcome.job_id, blob, now, now, int(all_delivered)))
         self._write([
-            ("INSERT INTO jobs (job_id, state, result, started, finished) "
-             "VALUES (?, 'done', ?, ?, ?) ON CONFLICT(job_id) DO UPDATE SET "
-             "state='done', result=excluded.result, finished=excluded.finished", rows),
-            ("UPDATE jobs SET delivered=1 WHERE job_id=?", [(j,) for j in delivered]),
+            ("INSERT INTO jobs (origin, job_id, state, result, started, finished, delivered) "
+             "VALUES (?, ?, 'done', ?, ?, ?, ?) ON CONFLICT(origin, job_id) DO UPDATE SET "
+             "state='done', result=excluded.result, finished=excluded.finished, "
+             "delivered=MAX(delivered, excluded.delivered)", rows),
+            ("UPDATE jobs SET delivered=1 WHERE origin=? AND job_id=?",
+             [(origin, j) for j in delivered]),
         ])
         return stored
 
-    def state(self, job_id: str) -> tuple[str, Outcome | None] | None:
+    def state(self, job_id: str, origin: str = QPI) -> tuple[str, Outcome | None] | None:
         row = self._db.execute(
-            "SELECT state, result FROM jobs WHERE job_id=?", (job_id,)
+            "SELECT state, result FROM jobs WHERE origin=? AND job_id=?", (origin, job_id)
         ).fetchone()
         if row is None:
             return None
@@ -139,20 +164,23 @@ class ResultStore:
                   if row[1] is not None else None)
         return row[0], answer
 
-    def undelivered(self, acks: bool) -> list[Outcome]:
-        """Results still owed: never handed over, or (with acks) never acknowledged."""
+    def undelivered(self, acks: bool, origin: str = QPI) -> list[Outcome]:
+        """Results still owed to `origin`: never handed over, or (with acks) never
+        acknowledged."""
         column = "acked" if acks else "delivered"
         rows = self._db.execute(
-            f"SELECT job_id, result FROM jobs WHERE state='done' AND {column}=0 "
-            "ORDER BY finished"
+            f"SELECT job_id, result FROM jobs WHERE origin=? AND state='done' AND {column}=0 "
+            "ORDER BY finished", (origin,)
         )
         return [Outcome.from_wire(job_id, msgpack.unpackb(blob)) for job_id, blob in rows]
 
-    def mark_delivered(self, job_ids: Iterable[str]) -> None:
-        self._write([("UPDATE jobs SET delivered=1 WHERE job_id=?", [(j,) for j in job_ids])])
+    def mark_delivered(self, job_ids: Iterable[str], origin: str = QPI) -> None:
+        self._write([("UPDATE jobs SET delivered=1 WHERE origin=? AND job_id=?",
+                      [(origin, j) for j in job_ids])])
 
-    def mark_acked(self, job_id: str) -> None:
-        self._write([("UPDATE jobs SET acked=1, delivered=1 WHERE job_id=?", [(job_id,)])])
+    def mark_acked(self, job_id: str, origin: str = QPI) -> None:
+        self._write([("UPDATE jobs SET acked=1, delivered=1 WHERE origin=? AND job_id=?",
+                      [(origin, job_id)])])
 
     def prune(self) -> int:
         """Drop delivered results past retention, and the oldest beyond the row cap."""
@@ -165,7 +193,7 @@ class ResultStore:
             excess = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - self.max_rows
             if excess > 0:
                 gone += self._db.execute(
-                    "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs WHERE "
+                    "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs WHERE "
                     "state='done' AND delivered=1 ORDER BY finished LIMIT ?)", (excess,)
                 ).rowcount
         return gone

@@ -20,12 +20,14 @@ from urllib.parse import quote
 
 import msgpack
 
-from driver.store import COLUMNS
+from driver.store import COLUMNS, QPI
 
 STORE_NAME = "results.sqlite3"
 SQLITE_HEADER = b"SQLite format 3\x00"
 _COLUMNS = ", ".join(COLUMNS)  # the store's own schema (driver.store)
 _PLACES = ", ".join("?" * len(COLUMNS))
+# What a store from before front ends (no `origin` column: every job QPI's) is read by.
+_OLD_COLUMNS = ", ".join(COLUMNS[:-1]) + f", '{QPI}'"
 _MAX_PROBES = 5_000_000  # rowids probed one by one behind a damaged page
 # In WAL mode every open connection holds a read lock on this byte of the -shm file
 # (SQLite's "dead man switch", WALINDEX_LOCK_OFFSET + SQLITE_SHM_NLOCK).
@@ -38,7 +40,7 @@ LOST_RESULT = {
 
 Damage = Literal["not a database", "malformed"]
 StoreState = Literal["ok", "missing", "unreadable", "not a database", "malformed"]
-Row = tuple[str, str, bytes | None, float, float | None, int, int]
+Row = tuple[str, str, bytes | None, float, float | None, int, int, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +272,7 @@ def _copy_of(path: Path) -> Iterator[Path]:
         yield copy
 
 
-def _with_cli(copy: Path, sqlite3_bin: str) -> tuple[dict[str, Row], str | None]:
+def _with_cli(copy: Path, sqlite3_bin: str) -> tuple[dict[tuple[str, str], Row], str | None]:
     """sqlite's own recovery (`.recover` of the sqlite3 shell) into a scratch database."""
     probe = subprocess.run([sqlite3_bin, ":memory:", "SELECT 1 FROM sqlite_dbpage LIMIT 0"],
                            capture_output=True, timeout=60, check=False)
@@ -288,36 +290,38 @@ def _with_cli(copy: Path, sqlite3_bin: str) -> tuple[dict[str, Row], str | None]
                           timeout=3600, check=False)
     if load.returncode != 0 and not scratch.exists():
         return {}, "the SQL .recover wrote could not be loaded"
-    rows: dict[str, Row] = {}
+    rows: dict[tuple[str, str], Row] = {}
     db = sqlite3.connect(scratch)
     try:
         with contextlib.suppress(sqlite3.Error):
-            for raw in db.execute(f"SELECT {_COLUMNS} FROM jobs"):
+            for raw in db.execute(f"SELECT {_columns(db)} FROM jobs"):
                 _keep(rows, raw)
         # Rows .recover could not place in a table: the jobs table's have its columns.
-        fields = ", ".join(f"c{i}" for i in range(len(COLUMNS)))
-        with contextlib.suppress(sqlite3.Error):
-            for raw in db.execute(f"SELECT {fields} FROM lost_and_found "
-                                  f"WHERE nfield = {len(COLUMNS)}"):
-                _keep(rows, raw)
+        for width, tail in ((len(COLUMNS), ""), (len(COLUMNS) - 1, f", '{QPI}'")):
+            fields = ", ".join(f"c{i}" for i in range(width)) + tail
+            with contextlib.suppress(sqlite3.Error):
+                for raw in db.execute(f"SELECT {fields} FROM lost_and_found "
+                                      f"WHERE nfield = {width}"):
+                    _keep(rows, raw)
     finally:
         db.close()
     return rows, None
 
 
-def _row_by_row(copy: Path) -> tuple[dict[str, Row], int]:
+def _row_by_row(copy: Path) -> tuple[dict[tuple[str, str], Row], int]:
     """Fallback: scan the table forwards and backwards until a damaged page stops each
     scan, then look up every rowid in between one by one; rows on damaged pages are lost.
     Also returns how many lookups hit damage."""
-    rows: dict[str, Row] = {}
+    rows: dict[tuple[str, str], Row] = {}
     failed = 0
     seen: set[int] = set()
     db = _open_ro(copy)
     try:
+        columns = _columns(db)
         for order in ("ASC", "DESC"):
             with contextlib.suppress(sqlite3.DatabaseError):
                 for rowid, *raw in db.execute(
-                        f"SELECT rowid, {_COLUMNS} FROM jobs ORDER BY rowid {order}"):
+                        f"SELECT rowid, {columns} FROM jobs ORDER BY rowid {order}"):
                     seen.add(rowid)
                     _keep(rows, tuple(raw))
         top = max(seen, default=0)
@@ -329,7 +333,7 @@ def _row_by_row(copy: Path) -> tuple[dict[str, Row], int]:
             if rowid in seen:
                 continue
             try:
-                raw = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE rowid=?",
+                raw = db.execute(f"SELECT {columns} FROM jobs WHERE rowid=?",
                                  (rowid,)).fetchone()
             except sqlite3.DatabaseError:
                 failed += 1
@@ -349,43 +353,58 @@ def _indexes(db: sqlite3.Connection) -> list[str]:
         return []
 
 
-def _indexed_ids(copy: Path) -> set[str]:
-    """Job ids the primary-key index still names (read without touching the table)."""
-    ids: set[str] = set()
+def _indexed_ids(copy: Path) -> set[tuple[str, str]]:
+    """(origin, job_id) of the jobs the primary-key index still names (read without
+    touching the table)."""
+    ids: set[tuple[str, str]] = set()
     try:
         db = _open_ro(copy)
     except sqlite3.Error:
         return ids
     try:
+        key = "job_id" if _columns(db) == _OLD_COLUMNS else "origin, job_id"
         for index in _indexes(db):
             if not index.startswith("sqlite_autoindex_jobs"):
                 continue
             for order in ("ASC", "DESC"):
                 with contextlib.suppress(sqlite3.DatabaseError):
-                    for (job_id,) in db.execute(f'SELECT job_id FROM jobs INDEXED BY "{index}" '
-                                                f"ORDER BY job_id {order}"):
-                        ids.add(str(job_id))
+                    for found in db.execute(f'SELECT {key} FROM jobs INDEXED BY "{index}" '
+                                            f"ORDER BY {key.replace(',', f' {order},')} "
+                                            f"{order}"):
+                        origin, job_id = found if len(found) == 2 else (QPI, found[0])
+                        ids.add((str(origin), str(job_id)))
     finally:
         db.close()
     return ids
 
 
-def _keep(rows: dict[str, Row], raw: tuple[object, ...]) -> None:
+def _columns(db: sqlite3.Connection) -> str:
+    """The columns to read a store by: this version's, or a pre-front-end store's."""
+    try:
+        names = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    except sqlite3.DatabaseError:
+        return _COLUMNS
+    return _OLD_COLUMNS if names and "origin" not in names else _COLUMNS
+
+
+def _keep(rows: dict[tuple[str, str], Row], raw: tuple[object, ...]) -> None:
     """Add a salvaged row if it is one the store can use; a finished row wins over a
     running one for the same job (a later state of it)."""
-    job_id, state, result, started, finished, delivered, acked = raw
+    job_id, state, result, started, finished, delivered, acked, origin = raw
     if not isinstance(job_id, str) or not job_id or state not in ("running", "done"):
         return
+    if not isinstance(origin, str) or not origin:
+        origin = QPI
     if not isinstance(started, int | float):
         started = finished if isinstance(finished, int | float) else time.time()
     row: Row = (
         job_id, str(state), result if isinstance(result, bytes) else None, float(started),
         float(finished) if isinstance(finished, int | float) else None,
-        1 if delivered == 1 else 0, 1 if acked == 1 else 0,
+        1 if delivered == 1 else 0, 1 if acked == 1 else 0, origin,
     )
-    known = rows.get(job_id)
+    known = rows.get((origin, job_id))
     if known is None or (known[1] == "running" and row[1] == "done"):
-        rows[job_id] = row
+        rows[(origin, job_id)] = row
 
 
 def _same_owner(fresh: Path, damaged: Path) -> None:
@@ -421,8 +440,8 @@ def recover(path: Path, sqlite3_bin: str | None = None) -> RecoverReport:
     if _in_use(path):
         raise StoreInUse(f"{path} is open in another process (is the daemon running?); stop "
                          "it, then recover")
-    rows: dict[str, Row] = {}
-    lost_ids: set[str] = set()
+    rows: dict[tuple[str, str], Row] = {}
+    lost_ids: set[tuple[str, str]] = set()
     if before.state == "malformed":
         with _copy_of(path) as copy:
             binary = sqlite3_bin if sqlite3_bin is not None else shutil.which("sqlite3")
@@ -442,12 +461,13 @@ def recover(path: Path, sqlite3_bin: str | None = None) -> RecoverReport:
             lost_ids = _indexed_ids(copy) - set(rows)
     else:
         report.method = "nothing readable: a fresh, empty store"
-    report.lost_known = sorted(lost_ids)
+    report.lost_known = sorted(job_id if origin == QPI else f"{origin}:{job_id}"
+                               for origin, job_id in lost_ids)
     _replace(path, rows, report, ResultStore)
     return report
 
 
-def _replace(path: Path, rows: dict[str, Row], report: RecoverReport,
+def _replace(path: Path, rows: dict[tuple[str, str], Row], report: RecoverReport,
              store_cls: type) -> None:
     fresh = path.with_name(path.name + ".recovering")
     for leftover in _companions(fresh):

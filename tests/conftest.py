@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from driver.orchestrator import LocalOrchestrator
-from driver.wire import EventType
+from frontends.qpi.orchestrator import LocalOrchestrator
+from frontends.qpi.wire import EventType
 
 ROOT = Path(__file__).resolve().parent.parent
 # Aer that logs every job it starts and misbehaves on markers (tests/executors_for_tests.py).

@@ -15,7 +15,7 @@ import pytest
 from qiskit import QuantumCircuit, qasm3
 from qiskit.circuit.library import QFTGate
 
-from driver.orchestrator import LocalOrchestrator
+from frontends.qpi.orchestrator import LocalOrchestrator
 from tests.circuits import BELL
 from tests.conftest import daemon_env, run_job, start_connected, start_daemon, wait_for
 
@@ -102,7 +102,7 @@ async def test_a_parser_killed_mid_parse_costs_that_job_only(
 async def test_a_wrong_ca_fingerprint_is_reported_while_the_executor_warms(
     tmp_path: Path, orch: LocalOrchestrator
 ) -> None:
-    from driver.tls import generate_identity
+    from frontends.qpi.tls import generate_identity
 
     other = generate_identity("127.0.0.1").ca_fingerprint
     d = start_daemon(tmp_path, daemon_env(tmp_path, orch, QPI_CA_FINGERPRINT=other))

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from driver.orchestrator import LocalOrchestrator
 from executors.aer import AerExecutor
 from executors.base import Experiment, Job, OptionError
 from executors.circuits import parse_qasm
+from frontends.qpi.orchestrator import LocalOrchestrator
 from tests.circuits import BELL
 from tests.conftest import ROOT, daemon_env, heartbeats, run_job, start_connected, wait_for
 

@@ -17,8 +17,8 @@ from typing import Any
 import psutil
 import pytest
 
-from driver.orchestrator import FINAL, JobRecord, LocalOrchestrator
-from driver.wire import EventType
+from frontends.qpi.orchestrator import FINAL, JobRecord, LocalOrchestrator
+from frontends.qpi.wire import EventType
 from tests.circuits import BELL
 from tests.conftest import (
     EXECUTIONS_LOG,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from driver.orchestrator import LocalOrchestrator
+from frontends.qpi.orchestrator import LocalOrchestrator
 from tests.circuits import BELL
 from tests.conftest import daemon_env, heartbeats, run_job, start_connected, wait_for
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from driver.orchestrator import LocalOrchestrator
+from frontends.qpi.orchestrator import LocalOrchestrator
 from tests.circuits import BELL, REGISTERS, SWEEP_QASM3
 from tests.conftest import Daemon, run_job
 

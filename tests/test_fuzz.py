@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from driver.orchestrator import LocalOrchestrator
-from driver.wire import EventType
+from frontends.qpi.orchestrator import LocalOrchestrator
+from frontends.qpi.wire import EventType
 from tests.circuits import BELL, SWEEP_QASM3
 from tests.conftest import Daemon, daemon_env, start_daemon, wait_for
 
@@ -43,7 +43,7 @@ c = measure q;
 """
 NAN, INF = math.nan, math.inf
 
-# -- an oracle independent of driver.wire: can a job_id be read from this frame? ---------
+# -- an oracle independent of frontends.qpi.wire: can a job_id be read from this frame? ---------
 
 
 def readable_job_id(frame: bytes) -> str | None:

@@ -23,12 +23,12 @@ pytest.importorskip(
 )
 
 import executors
-from driver.orchestrator import LocalOrchestrator
 from executors.aer import AerExecutor
 from executors.base import ErrorCode, Experiment, Job, JobError, OptionError
 from executors.circuits import parse_qasm
 from executors.qibolab import QibolabExecutor
 from executors.qibolab.executor import BUNDLED_PLATFORMS
+from frontends.qpi.orchestrator import LocalOrchestrator
 from tests.circuits import BELL
 from tests.conftest import Daemon, daemon_env, heartbeats, run_job, start_connected, wait_for
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from driver.orchestrator import LocalOrchestrator
-from driver.wire import EventType
+from frontends.qpi.orchestrator import LocalOrchestrator
+from frontends.qpi.wire import EventType
 from tests.circuits import BELL
 from tests.conftest import (
     COUNTING,

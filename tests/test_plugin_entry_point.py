@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from driver.orchestrator import LocalOrchestrator
+from frontends.qpi.orchestrator import LocalOrchestrator
 from tests.circuits import BELL, REGISTERS
 from tests.conftest import ROOT, daemon_env, heartbeats, start_connected, start_daemon
 

@@ -25,7 +25,6 @@ from qiskit.quantum_info import Operator
 
 from bench.parse import CorpusCircuit, corpus
 from driver import payload
-from driver.orchestrator import LocalOrchestrator
 from executors.aer import AerExecutor
 from executors.base import Experiment, Job
 from executors.circuits import (
@@ -35,6 +34,7 @@ from executors.circuits import (
     parse_qasm,
     parse_qasm_traced,
 )
+from frontends.qpi.orchestrator import LocalOrchestrator
 from tests.conftest import Daemon, run_job
 
 

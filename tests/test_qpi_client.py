@@ -13,7 +13,7 @@ from qiskit import QuantumCircuit
 from qiskit.circuit import Parameter
 from qpi_client import QPIClient
 
-from driver.orchestrator import LocalOrchestrator
+from frontends.qpi.orchestrator import LocalOrchestrator
 from tests.conftest import ROOT, Daemon, aer_max_qubits, daemon_env, start_daemon, wait_for
 
 

@@ -16,16 +16,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from driver.orchestrator import LocalOrchestrator
-from driver.registration import (
+from driver.settings import load_settings
+from frontends.qpi.orchestrator import LocalOrchestrator
+from frontends.qpi.registration import (
     Backoff,
     BadToken,
     DriverDisabled,
     OrchestratorDown,
     Registrar,
 )
-from driver.settings import load_settings
-from driver.tls import FingerprintMismatch, fingerprint_of_pem, generate_identity
+from frontends.qpi.tls import FingerprintMismatch, fingerprint_of_pem, generate_identity
 from tests.conftest import daemon_env, start_daemon, wait_for
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -10,8 +10,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from driver.orchestrator import LocalOrchestrator
-from driver.wire import EventType, encode
+from frontends.qpi.orchestrator import LocalOrchestrator
+from frontends.qpi.wire import EventType, encode
 from tests.circuits import BELL
 from tests.conftest import (
     EXECUTIONS_LOG,
@@ -298,7 +298,7 @@ async def test_oversized_frames_and_circuits_are_refused(
 
 
 def encode_env(payload: dict[str, Any]) -> bytes:
-    from driver.wire import Envelope
+    from frontends.qpi.wire import Envelope
 
     return encode(Envelope(EventType.JOB_DISPATCH, payload), "msgpack")
 

@@ -25,10 +25,10 @@ import requests
 from qiskit import QuantumCircuit
 from qpi_client import QPIClient
 
-from driver import orchestrator as orchestrator_module
 from driver.exits import EX_CONFIG
-from driver.orchestrator import LocalOrchestrator
 from driver.settings import CREDENTIAL_NAME, load_settings
+from frontends.qpi import orchestrator as orchestrator_module
+from frontends.qpi.orchestrator import LocalOrchestrator
 from tests.conftest import ROOT, aer_max_qubits, daemon_env, start_daemon, wait_for
 from tests.test_deploy_files import clean_env
 

@@ -16,10 +16,10 @@ from typing import Any
 import pynng
 import pytest
 
-from driver.nng import tls_client, tls_server, url
-from driver.orchestrator import LocalOrchestrator
-from driver.tls import CertificateAuthority, ServerIdentity, generate_identity
-from driver.tls_diagnosis import diagnose
+from frontends.qpi.nng import tls_client, tls_server, url
+from frontends.qpi.orchestrator import LocalOrchestrator
+from frontends.qpi.tls import CertificateAuthority, ServerIdentity, generate_identity
+from frontends.qpi.tls_diagnosis import diagnose
 from tests.conftest import daemon_env, start_daemon, wait_for
 
 HOST = "127.0.0.1"

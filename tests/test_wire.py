@@ -7,7 +7,7 @@ import json
 import msgpack
 import pytest
 
-from driver.wire import Envelope, FrameError, decode, encode, sniff
+from frontends.qpi.wire import Envelope, FrameError, decode, encode, sniff
 
 
 def _nested(depth: int) -> object:

@@ -10,8 +10,8 @@ from typing import Any
 
 import pynng
 
-from driver.nng import AsyncSocket, SocketClosed, tls_client, url
-from driver.registration import Registration
+from frontends.qpi.nng import AsyncSocket, SocketClosed, tls_client, url
+from frontends.qpi.registration import Registration
 
 SOCKET_BUFFER = 64  # messages
 

@@ -30,11 +30,11 @@ from aiolimiter import AsyncLimiter
 
 from driver import logs
 from driver.metrics import Metrics
-from driver.nng import SocketClosed
 from driver.outcome import Outcome
-from driver.session import OrchestratorSession
 from driver.store import ResultStore, StoreUnavailable, packed
-from driver.wire import Envelope, EventType, encode
+from frontends.qpi.nng import SocketClosed
+from frontends.qpi.session import OrchestratorSession
+from frontends.qpi.wire import Envelope, EventType, encode
 
 DELIVERY_MARK_DELAY_S = 0.5  # marks ride along with the next result write, or go this late
 RETRY_STORE_S = 5.0
@@ -51,11 +51,10 @@ log = logs.get("qpi.outbox")
 
 
 class Outbox:
-    def __init__(self, store: ResultStore, metrics: Metrics, executor: str,
+    def __init__(self, store: ResultStore, metrics: Metrics,
                  changed: Callable[[bool], None]) -> None:
         self._store = store
         self._metrics = metrics
-        self._executor = executor
         self._changed = changed
         self._owed: OrderedDict[str, Outcome] = OrderedDict()  # to send on this connection
         self._owed_since: dict[str, float] = {}  # monotonic time each became owed
@@ -109,7 +108,7 @@ class Outbox:
     # -- answers in -------------------------------------------------------------------------
 
     def finish(self, outcomes: list[Outcome]) -> None:
-        """A final answer: made durable first, then sent; counted here, once."""
+        """Final answers (counted by the core): made durable first, then sent."""
         try:
             # Delivery marks the store refused before a send ride along with the write.
             outcomes = self._store.finish(outcomes, delivered=self._delivered)
@@ -125,15 +124,13 @@ class Outbox:
         for outcome in outcomes:
             self._refusals.discard(outcome.job_id)
             self._owe(outcome)
-            self._count(outcome)
         self._flush.set()
 
     def answer(self, outcome: Outcome) -> None:
-        """A transient refusal (disabled, queue full): sent, counted, not stored, so the
-        same job dispatched again later can run."""
+        """A transient refusal (disabled, queue full; counted by the core): sent, not
+        stored, so the same job dispatched again later can run."""
         self._owe(outcome)
         self._refusals.add(outcome.job_id)
-        self._count(outcome)
         self._flush.set()
 
     def resend(self, outcome: Outcome) -> None:
@@ -162,14 +159,6 @@ class Outbox:
         except StoreUnavailable as exc:
             log.warning("cannot record a ResultAck; the result may be sent again",
                         job_id=job_id, reason=exc.reason)
-
-    def _count(self, outcome: Outcome) -> None:
-        self._metrics.jobs.labels(outcome.label, self._executor).inc()
-        if outcome.ok:
-            experiments = outcome.experiments()
-            self._metrics.circuits.labels(self._executor).inc(len(experiments))
-            self._metrics.shots.labels(self._executor).inc(
-                sum(int(e.get("shots", 0)) for e in experiments))
 
     # -- one connection ---------------------------------------------------------------------
 

@@ -15,11 +15,12 @@ import pynng
 from aiohttp import web
 
 from driver import logs
-from driver.nng import AsyncSocket, SocketClosed, bound_port, tls_server, url
-from driver.session import SOCKET_BUFFER
 from driver.settings import is_loopback
-from driver.tls import ServerIdentity, generate_identity
-from driver.wire import (
+from executors.base import iso_utc
+from frontends.qpi.nng import AsyncSocket, SocketClosed, bound_port, tls_server, url
+from frontends.qpi.session import SOCKET_BUFFER
+from frontends.qpi.tls import ServerIdentity, generate_identity
+from frontends.qpi.wire import (
     WIRE_FORMATS,
     Envelope,
     EventType,
@@ -28,7 +29,6 @@ from driver.wire import (
     decode,
     encode,
 )
-from executors.base import iso_utc
 
 log = logs.get("qpi.orchestrator")
 
@@ -166,7 +166,7 @@ class LocalOrchestrator:
         kwargs: dict[str, Any] = {}
         if served is not None:
             kwargs["tls_config"] = tls_server(served.cert_pem, served.key_pem)
-        # Socket buffers (see driver.session): a dispatch left in the buffer when the
+        # Socket buffers (see frontends.qpi.session): a dispatch left in the buffer when the
         # driver goes goes out on its next connection; results are read ahead only where
         # they are acked (one lost from the buffer in a restart is then resent).
         push = pynng.Push0(send_buffer_size=SOCKET_BUFFER, **kwargs)

@@ -14,8 +14,8 @@ import aiohttp
 
 from driver import __version__
 from driver.settings import Settings
-from driver.tls import verify_pinned
-from driver.wire import WIRE_FORMATS, EventType, WireFormat
+from frontends.qpi.tls import verify_pinned
+from frontends.qpi.wire import WIRE_FORMATS, EventType, WireFormat
 
 
 class RegistrationError(Exception):

@@ -4,17 +4,16 @@ that a job is validated and admitted before it is queued lives here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from driver import logs
-from driver.jobs import JobSpec, Limits, read_spec
-from driver.metrics import Metrics
+from driver.core import Core
+from driver.jobs import JobSpec, read_spec
 from driver.outcome import Outcome
-from driver.store import ResultStore
-from driver.wire import EventType, FrameError, decode
+from driver.store import QPI
 from executors.base import ErrorCode, JobError
+from frontends.qpi.wire import EventType, FrameError, decode
 
 _INBOUND = frozenset({EventType.JOB_DISPATCH, EventType.JOB_CANCEL, EventType.QPU_STATE,
                       EventType.RESULT_ACK})
@@ -61,15 +60,10 @@ Decision = Admit | Answer | Resend | Cancel | Acknowledge | None
 
 
 class Intake:
-    def __init__(self, metrics: Metrics, store: ResultStore, max_queued_jobs: int,
-                 in_hand: Callable[[str], bool], waiting: Callable[[], int]) -> None:
-        self._metrics = metrics
-        self._store = store
-        self._max_queued = max_queued_jobs
-        self._in_hand = in_hand
-        self._waiting = waiting
-        self.limits = Limits(1, 1, 1)
-        self.meas_levels: tuple[int, ...] = (2,)
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self._metrics = core.metrics
+        self._store = core.store
         self.disabled = False
         # Whether the orchestrator takes a transient refusal as an answer it can act on
         # (Registration.accepts_refusals). Where it does not, a result with `error` is
@@ -111,7 +105,7 @@ class Intake:
             log.warning("JobDispatch without a usable job_id dropped", job_id=repr(job_id)[:80])
             return None
         assert isinstance(job_id, str)
-        if self._in_hand(job_id):
+        if self._core.in_hand(QPI, job_id):
             self._metrics.duplicates.inc()
             log.info("duplicate dispatch absorbed", job_id=job_id)
             return None
@@ -128,7 +122,7 @@ class Intake:
         if refusal is not None:
             return Answer(Outcome.failed(job_id, refusal), durable=False)
         try:
-            spec = read_spec(payload.get("payload"), self.limits)
+            spec = read_spec(payload.get("payload"), self._core.limits)
             self._check_meas_level(spec)
         except JobError as exc:
             return Answer(Outcome.failed(job_id, exc), durable=True)
@@ -146,21 +140,15 @@ class Intake:
     def full(self) -> JobError | None:
         """Why the node cannot take another job now (its store or queue is full), if so:
         refused with it, or (no refusals) read no further until it passes."""
-        if self._store.problem is not None:
-            return JobError(ErrorCode.QUOTA_EXCEEDED, f"the driver cannot store results "
-                            f"({self._store.problem}); the job was not run, retry later")
-        waiting = self._waiting()
-        if waiting >= self._max_queued:
-            return JobError(ErrorCode.QUOTA_EXCEEDED, f"the driver's queue is full "
-                            f"({self._max_queued} jobs); retry later", queue_depth=waiting)
-        return None
+        return self._core.full(QPI)
 
     def _check_meas_level(self, spec: JobSpec) -> None:
-        if spec.meas_level not in self.meas_levels:
-            levels = " or ".join(str(level) for level in self.meas_levels)
+        meas_levels = self._core.meas_levels
+        if spec.meas_level not in meas_levels:
+            levels = " or ".join(str(level) for level in meas_levels)
             raise JobError(ErrorCode.CIRCUIT_INVALID,
                            f"this node returns meas_level {levels}; the job asked for "
-                           f"meas_level {spec.meas_level}", meas_levels=list(self.meas_levels))
+                           f"meas_level {spec.meas_level}", meas_levels=list(meas_levels))
 
 
 def _usable(job_id: Any) -> bool:

@@ -1,0 +1,1 @@
+"""Front ends: the orchestrators a node serves, each over the same core (docs/architecture.md)."""
