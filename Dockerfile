@@ -15,6 +15,10 @@
 #                       images point that at /run/secrets, where Docker and Compose
 #                       secrets appear
 #   QPI_EXECUTOR, QPI_DRIVER_NAME, QPI_MAX_QUBITS, ... any field of driver/settings.py
+#   QPI_FRONTENDS=qcos (or qpi,qcos) serves SoftQuantus QCOS too: QPI_QCOS_ENDPOINT and
+#                       QPI_QCOS_EVENTS (ports 7610/7611) must then name an address QCOS
+#                       reaches, e.g. tcp://0.0.0.0:7610 on a private network only: the
+#                       sockets have no authentication (README: Putting a node under QCOS)
 # Metrics (/metrics, /healthz, /readyz) listen on all interfaces, since the container's
 # loopback is unreachable from a scraper. The embedded orchestrator of local mode does
 # not: its client API has no authentication, so it stays on the container's loopback
@@ -30,8 +34,9 @@ ARG PYTHON_IMAGE=python:3.12-slim
 FROM ${PYTHON_IMAGE} AS requirements
 COPY pyproject.toml /src/
 RUN python -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; \
-open('/cpu.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); \
-open('/gpu.txt', 'w').write('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']) + '\n')"
+x = p['optional-dependencies']; \
+open('/cpu.txt', 'w').write('\n'.join(p['dependencies'] + x['qcos']) + '\n'); \
+open('/gpu.txt', 'w').write('\n'.join(p['dependencies'] + x['gpu'] + x['qcos']) + '\n')"
 
 # --- builder: the project's own wheel, built once for both targets ------------------
 FROM ${PYTHON_IMAGE} AS builder
@@ -91,7 +96,7 @@ ENV PATH=/opt/qpi-driver/venv/bin:$PATH \
 VOLUME ["/var/lib/qpi-driver"]
 # Numeric, so a runtime (Kubernetes runAsNonRoot) can tell it is not root.
 USER 10001:10001
-EXPOSE 9464 8090
+EXPOSE 9464 8090 7610 7611
 # No curl in the image; python checks the daemon's own /healthz on the metrics port.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('QPI_METRICS_ADDR', ':9464').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"]
@@ -114,7 +119,7 @@ ENV PATH=/opt/qpi-driver/venv/bin:$PATH \
 VOLUME ["/var/lib/qpi-driver"]
 # Numeric, so a runtime (Kubernetes runAsNonRoot) can tell it is not root.
 USER 10001:10001
-EXPOSE 9464 8090
+EXPOSE 9464 8090 7610 7611
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('QPI_METRICS_ADDR', ':9464').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"]
 ENTRYPOINT ["qpi-driver"]

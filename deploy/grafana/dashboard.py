@@ -145,6 +145,26 @@ def build() -> gd.Dashboard:
             "1 while the node reads no dispatches (queue or store full, to an orchestrator "
             "that takes no refusals)", "short",
             query(f"qpi_intake_held{{{SEL}}}", "{{instance}}")))
+        .with_row(gd.Row("Front ends"))
+        .with_panel(series(
+            "Jobs per second by front end",
+            "Finished jobs by the orchestrator front end they came from (qpi, qcos) and "
+            "outcome", "short",
+            query(f"sum by (frontend, outcome) "
+                  f"(rate(qpi_frontend_jobs_total{{{SEL}}}[{RATE}]))",
+                  "{{frontend}} {{outcome}}"), width=8))
+        .with_panel(series(
+            "Queue depth by front end",
+            "Jobs waiting to run per front end; each is sure of its share of the queue",
+            "short", query(f"qpi_frontend_queue_depth{{{SEL}}}",
+                           "{{instance}} {{frontend}}"), width=8))
+        .with_panel(series(
+            "QCOS requests by reply code",
+            "qcos-mc/1 requests answered, by operation and code (anything but ok is a "
+            "refusal or an error QCOS sees)", "short",
+            query(f"sum by (operation, code) "
+                  f"(rate(qpi_frontend_requests_total{{{SEL}}}[{RATE}]))",
+                  "{{operation}} {{code}}"), width=8))
         .with_row(gd.Row("Executor and GPU"))
         .with_panel(series(
             "Worker restarts", "Executor process restarts (a crash, a hang or a cancel)",
