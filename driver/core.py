@@ -18,17 +18,20 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from driver import logs
 from driver.jobs import JobSpec, Limits
 from driver.metrics import Metrics
 from driver.outcome import Outcome
 from driver.runner import JobRunner, State
-from driver.store import ResultStore
+from driver.store import ResultStore, StoreUnavailable
 from executors.base import ErrorCode, JobError
 
 if TYPE_CHECKING:
     from driver.sdnotify import Notifier
     from driver.settings import Settings
     from driver.status import NodeStatus
+
+log = logs.get("qpi.core")
 
 # name -> "module:Class": imported only when the setting names it.
 FRONTENDS = {
@@ -177,7 +180,11 @@ class Core:
         self.count(origin, outcomes)
         frontend = self.frontends.get(origin)
         if frontend is None:  # none serves it in this run: kept for when one does
-            self.store.finish(outcomes, origin=origin)
+            try:
+                self.store.finish(outcomes, origin=origin)
+            except StoreUnavailable as exc:
+                log.error("results of a front end not served cannot be stored; lost",
+                          origin=origin, reason=exc.reason, jobs=[o.job_id for o in outcomes])
             return
         frontend.finished(outcomes)
 

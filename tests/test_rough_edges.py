@@ -154,7 +154,11 @@ def test_ctrl_c_in_run_local_drains_once(tmp_path: Path, venv_shim: Path) -> Non
         text = log.read_text(errors="replace")
         assert "completed on aer" in text, text
         os.killpg(script.pid, signal.SIGINT)  # Ctrl-C
-        code = script.wait(60)
+        try:
+            code = script.wait(60)
+        except subprocess.TimeoutExpired:  # say where it hung: the daemon's own log
+            pytest.fail("run-local.sh still running 60 s after Ctrl-C:\n"
+                        + log.read_text(errors="replace")[-6000:])
     finally:
         if script.poll() is None:
             os.killpg(script.pid, signal.SIGKILL)
