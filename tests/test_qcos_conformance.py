@@ -342,6 +342,9 @@ def test_device_config_is_what_qcos_declares(
                                                limits["max_circuit_depth"])
     assert caps.operations.job_cancellation is True
     assert driver.connect() is True
+    # A node serving QCOS alone starts no embedded QPI stand-in (and opens no QPI port).
+    assert "embedded orchestrator" not in node.daemon.output()
+    assert not node.daemon.logged("connected")
 
 
 def test_a_node_that_does_not_answer_is_a_clear_error() -> None:
@@ -646,12 +649,7 @@ def test_calibration_status_and_trigger(
     try:
         status = driver.calibration_status()
         assert status is not None and status.phase is CalibrationPhase.IDLE
-        if not config["calibration"]:
-            reply = node.request(Operation.TRIGGER_CALIBRATION, params={"qubits": [0]})
-            assert not reply.ok and reply.message, reply
-            with pytest.raises(DriverError):
-                driver.trigger_calibration([0])
-            return
+        assert config["calibration"] is True  # every executor has a refresh to trigger
         started = driver.trigger_calibration([0], "refresh")
         assert started.phase in (CalibrationPhase.RUNNING, CalibrationPhase.COMPLETED)
         wait_until(lambda: events.of(EventTopic.CALIBRATION_COMPLETED), 120,
@@ -694,6 +692,8 @@ async def test_qpi_jobs_and_qcos_tasks_share_the_node(
                                          task_id=dropped.task_id)
         assert cancel.ok and cancel.state is TaskState.CANCELLED, cancel
         bell_job = orch.submit({"circuits": [BELL], "shots": 300})
+        # A QPI job named exactly like a QCOS task in hand: two jobs, each its own answer.
+        twin = orch.submit({"circuits": [BELL], "shots": 200}, job_id=x_task.task_id)
         release.touch()
 
         held_done = await orch.result(held.id, timeout=120)
@@ -701,6 +701,9 @@ async def test_qpi_jobs_and_qcos_tasks_share_the_node(
         assert set(held_done.results["counts"]) <= {"00", "11"}
         bell_counts = (await orch.result(bell_job.id, timeout=120)).results
         assert bell_counts is not None and set(bell_counts["counts"]) <= {"00", "11"}
+        twin_done = (await orch.result(twin.id, timeout=120)).results
+        assert twin_done is not None and set(twin_done["counts"]) <= {"00", "11"}
+        assert sum(twin_done["counts"].values()) == 200
         result = await asyncio.to_thread(n.result, x_task.task_id)
         assert result.counts == {"10": 400}
         assert (await asyncio.to_thread(n.status, dropped.task_id)).state is (

@@ -211,8 +211,9 @@ class LocalOrchestrator:
 
     # -- jobs -------------------------------------------------------------------------
 
-    def submit(self, job: dict[str, Any]) -> JobRecord:
-        job_id = f"job-{next(self._ids):06d}-{secrets.token_hex(3)}"
+    def submit(self, job: dict[str, Any], job_id: str | None = None) -> JobRecord:
+        """Queue a job (under `job_id`, for tests that need a given one)."""
+        job_id = job_id or f"job-{next(self._ids):06d}-{secrets.token_hex(3)}"
         record = JobRecord(id=job_id, payload=job)
         self.jobs[job_id] = record
         self._pending.append(job_id)
