@@ -395,3 +395,15 @@ def test_heartbeat_calibration_drives_an_aer_twin(tmp_path: Path) -> None:
     job = Job("j", (Experiment(parse_qasm(BELL), 4000),))
     counts = twin.run(job).experiments[0].counts
     assert counts.get("00", 0) + counts.get("11", 0) > 0.97 * 4000
+
+
+@pytest.mark.parametrize("platform", ["emulated_2q", "dummy"])
+def test_emulator_and_dummy_platforms_say_they_simulate(platform: str) -> None:
+    """QCOS's `simulated` (and anything else that asks) must not call an emulator
+    hardware: the capabilities say which instruments play the pulses, and what that is."""
+    executor = QibolabExecutor({"platform": platform})
+    try:
+        extra = executor.capabilities().extra
+        assert extra["simulated"] is True, extra["instruments"]
+    finally:
+        executor.close()

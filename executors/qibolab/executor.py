@@ -65,6 +65,9 @@ LINK_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError)
 warnings.filterwarnings("ignore", message="matplotlib not found")
 
 
+# qibolab's instruments that simulate a device instead of driving one.
+SIMULATING_INSTRUMENTS = frozenset({"EmulatorController", "DummyInstrument"})
+
 class QibolabExecutor(Executor):
     """Options: `platform` (required: a platform folder, a name found in
     $QIBOLAB_PLATFORMS or among the bundled ones, e.g. `emulated_2q`, or `dummy`),
@@ -152,6 +155,10 @@ class QibolabExecutor(Executor):
                 },
                 "timing": timing,
                 "instruments": {k: type(v).__name__ for k, v in platform.instruments.items()},
+                # Hardware only when a real controller plays the pulses: qibolab's
+                # emulator and dummy instruments simulate (QCOS's `simulated`).
+                "simulated": any(type(v).__name__ in SIMULATING_INSTRUMENTS
+                                 for v in platform.instruments.values()),
                 "qibolab_version": qibolab.__version__,
             },
         )
