@@ -1,6 +1,9 @@
 """Jobs/s and latency of the daemon on real traffic (distinct OpenQASM 3 texts as qpi-client
 sends them), through the embedded orchestrator over TLS NNG, beside the simulator's
-ceiling measured in the same run: Aer's run time alone for the same circuits.
+ceiling measured in the same run: Aer's run time alone for the same circuits. Then one job
+at a time (what a variational loop does: submit, wait, submit) beside a bare in-process
+loop on the same texts (parse, run, next), and the PSS of all the node's processes at
+idle and after every job of the run.
 
 The ceiling runs in a child process of its own (as the executor does): every circuit is
 parsed first, off the clock, then each job is one `AerSimulator.run(...).result()`, in
@@ -10,6 +13,7 @@ measures the heartbeat intervals the orchestrator receives under QFT-12 load.
 Prints figures; asserts nothing about speed (a job that fails stops the bench).
 
     python -m bench.throughput [--rounds 3] [--in-flight 16] [--jobs N] [--cases QFT-12,Bell]
+                               [--window1-jobs 300] [--no-memory]
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # few seconds at the goal rate, without making a round of random-20 take minutes.
 DEFAULT_JOBS = {"QFT-12": 300, "random-20": 48, "Bell": 600, "sweep": 40}
 GOALS = {"QFT-12": 0.8, "random-20": 0.9, "Bell": 0.5}  # driver jobs/s over the ceiling's
+WINDOW1_GOAL_MS = 0.3  # one job at a time: p50 at most this far above the bare loop
+PSS_GOAL_MIB = 150  # all the node's processes, idle
 HEARTBEAT_TOLERANCE = 0.3
 
 
@@ -57,7 +63,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def ceiling_child() -> None:
     """Child main: per request line (jobs' texts and shots), parse everything, then time
-    one Aer run per job; answer with the run seconds of each job."""
+    one Aer run per job; answer with the run seconds of each job. With `bare`, each job
+    is timed from its text: parse, then run (a loop a user writes in one process)."""
     from qiskit_aer import AerSimulator
 
     from executors.circuits import parse_qasm  # the daemon's parser: the same circuits
@@ -66,8 +73,17 @@ def ceiling_child() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         shots = int(request["shots"])
-        jobs = [[parse_qasm(text) for text in job] for job in request["jobs"]]
         seconds = []
+        if request.get("bare"):
+            for job in request["jobs"]:
+                t0 = time.perf_counter()
+                result = sim.run([parse_qasm(text) for text in job], shots=shots).result()
+                seconds.append(time.perf_counter() - t0)
+                if not result.success:
+                    raise SystemExit(f"Aer failed a bare-loop job: {result.status}")
+            print(json.dumps(seconds), flush=True)
+            continue
+        jobs = [[parse_qasm(text) for text in job] for job in request["jobs"]]
         for circuits in jobs:
             t0 = time.perf_counter()
             result = sim.run(circuits, shots=shots).result()
@@ -88,13 +104,13 @@ class Ceiling:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env,
         )
 
-    def run(self, payloads: Sequence[dict[str, Any]]) -> list[float]:
-        """Aer run seconds of each job, in order."""
+    def run(self, payloads: Sequence[dict[str, Any]], bare: bool = False) -> list[float]:
+        """Aer run seconds of each job, in order (`bare`: parse and run, per job)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         shots = {int(p["shots"]) for p in payloads}
         if len(shots) != 1:
             raise ValueError(f"a ceiling batch needs one shot count, got {sorted(shots)}")
-        request = {"shots": shots.pop(), "jobs": [texts(p) for p in payloads]}
+        request = {"shots": shots.pop(), "jobs": [texts(p) for p in payloads], "bare": bare}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline()
@@ -223,6 +239,60 @@ def table(title: str, cases: Sequence[Case], goals: bool) -> None:
               f"{ratio:>5.2f}x  {verdict}")
 
 
+# -- one job at a time, and memory ----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class WindowOne:
+    """One job at a time through the daemon beside the bare loop, per round."""
+
+    shape: Shape
+    jobs: int
+    daemon: list[tuple[float, float]] = field(default_factory=list)  # (p50, p99) per round
+    bare: list[tuple[float, float]] = field(default_factory=list)
+
+    async def measure(self, orch: LocalOrchestrator, ceiling: Ceiling, seeds: Iterator[int],
+                      bare_first: bool) -> None:
+        payloads = self.shape.jobs(seeds, self.jobs)
+        if bare_first:
+            bare = await asyncio.to_thread(ceiling.run, payloads, True)
+        _, latencies = await drive(orch, payloads, 1)
+        if not bare_first:
+            bare = await asyncio.to_thread(ceiling.run, payloads, True)
+        self.daemon.append((statistics.median(latencies), percentile(latencies, 0.99)))
+        self.bare.append((statistics.median(bare), percentile(bare, 0.99)))
+
+    def report(self, goal_ms: float) -> None:
+        d50 = statistics.median(r[0] for r in self.daemon) * 1e3
+        d99 = statistics.median(r[1] for r in self.daemon) * 1e3
+        b50 = statistics.median(r[0] for r in self.bare) * 1e3
+        b99 = statistics.median(r[1] for r in self.bare) * 1e3
+        deltas = [(d[0] - b[0]) * 1e3 for d, b in zip(self.daemon, self.bare, strict=True)]
+        print(f"\none job at a time: {self.shape.name}, {self.jobs} distinct jobs per round, "
+              "submit, wait for the result, submit the next")
+        print(f"{'':<28} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"{'through the daemon':<28} {d50:>8.2f} {d99:>8.2f}")
+        print(f"{'bare loop (parse + Aer run)':<28} {b50:>8.2f} {b99:>8.2f}")
+        delta = statistics.median(deltas)
+        print(f"p50 over the bare loop: {delta:+.2f} ms (rounds: "
+              f"{', '.join(f'{x:+.2f}' for x in deltas)}); goal <= +{goal_ms:g} ms: "
+              f"{'meets' if delta <= goal_ms else 'above'}")
+
+
+def node_memory(pid: int) -> tuple[float, float, int]:
+    """PSS and RSS (MiB) summed over the daemon and every process under it, and how many."""
+    import psutil  # a test dependency
+
+    root = psutil.Process(pid)
+    pss = rss = 0.0
+    procs = [root, *root.children(recursive=True)]
+    for proc in procs:
+        info = proc.memory_full_info()
+        pss += info.pss
+        rss += info.rss
+    return pss / 2**20, rss / 2**20, len(procs)
+
+
 # -- heartbeats under load ------------------------------------------------------------------
 
 
@@ -299,7 +369,18 @@ async def main(args: argparse.Namespace) -> None:
         ceiling = Ceiling()
         stack.callback(ceiling.close)
         await wait_online(orch, d)
+        idle = None if args.no_memory else await _settled_memory(d)
         await rounds_and_report(args, orch, ceiling, primary, secondary, seeds)
+        if idle is not None:
+            after = node_memory(d.proc.pid)
+            done = sum(1 for job in orch.jobs.values() if job.status == "completed")
+            print(f"\nmemory, all the node's processes (the daemon and its children; the "
+                  f"orchestrator runs in this bench process):\n  idle, before the first "
+                  f"job: PSS {idle[0]:.1f} MiB, RSS {idle[1]:.1f} MiB ({idle[2]} processes); goal "
+                  f"PSS <= {PSS_GOAL_MIB} MiB: "
+                  f"{'meets' if idle[0] <= PSS_GOAL_MIB else 'above'}"
+                  f"\n  after {done} jobs: PSS {after[0]:.1f} MiB, RSS {after[1]:.1f} MiB "
+                  f"({after[2]} processes)")
 
 
 async def rounds_and_report(args: argparse.Namespace, orch: TimedOrchestrator,
@@ -313,11 +394,17 @@ async def rounds_and_report(args: argparse.Namespace, orch: TimedOrchestrator,
     print(f"# {os.cpu_count()} cores, {args.in_flight} jobs in flight, {args.shots} shots, "
           f"wire format {args.wire_format}, daemon log level {args.log_level}, "
           f"{args.rounds} round(s); figures are medians over rounds", flush=True)
+    bell = pick("Bell", args.shots)["Bell"]
+    window1 = WindowOne(bell, args.window1_jobs) if args.window1_jobs > 0 else None
     for r in range(args.rounds):
         took = 0.0
         for case in primary + secondary:
             took += await measure(case, orch, ceiling, seeds, args.in_flight,
                                   ceiling_first=r % 2 == 1)
+        if window1 is not None:
+            t0 = time.perf_counter()
+            await window1.measure(orch, ceiling, seeds, bare_first=r % 2 == 1)
+            took += time.perf_counter() - t0
         print(f"# round {r + 1} done in {took:.1f} s", flush=True)
     print("\njobs/s: through the daemon, first submit to last result; p50/p99: one job, "
           "submit to result\nAer jobs/s, Aer ms: the ceiling, Aer's run alone on the same "
@@ -327,10 +414,24 @@ async def rounds_and_report(args: argparse.Namespace, orch: TimedOrchestrator,
     if secondary:
         table("secondary: one identical text per case (the parse cache hits; not what "
               "clients send)", secondary, goals=False)
+    if window1 is not None:
+        window1.report(WINDOW1_GOAL_MS)
     qft = next((c for c in primary if c.key == "QFT-12"), None)
     if qft is not None and args.heartbeat_load > 0:
         await heartbeat_phase(orch, qft.shape, seeds, args.in_flight, qft.median("rate"),
                               args.heartbeat_load, args.heartbeat)
+
+
+async def _settled_memory(d: Daemon) -> tuple[float, float, int]:
+    """Idle memory once the node's processes have all started and stopped growing."""
+    last = (0.0, 0.0, 0)
+    for _ in range(50):
+        now = node_memory(d.proc.pid)
+        if now[2] == last[2] and abs(now[0] - last[0]) < 1.0:
+            return now
+        last = now
+        await asyncio.sleep(0.2)
+    return last
 
 
 def stop_daemon(d: Daemon) -> None:
@@ -368,6 +469,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="seconds of QFT-12 load to watch heartbeats under (0: skip)")
     parser.add_argument("--wire-format", choices=["msgpack", "json"], default="msgpack")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--window1-jobs", type=int, default=300,
+                        help="Bell jobs per round sent one at a time (0: skip)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the PSS figures")
     parser.add_argument("--keep", action="store_true", help="keep the data dir and daemon log")
     return parser.parse_args(argv)
 
