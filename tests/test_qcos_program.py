@@ -341,3 +341,38 @@ def test_hex_keys_are_widened_to_the_readout() -> None:
 def test_keys_that_do_not_fit_are_refused(counts: dict[str, int], width: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         qcos_counts(counts, width)
+
+
+# -- every executor runs what a program lowers to ------------------------------------------
+
+
+def _counts_on(executor: Any, program: list[dict[str, Any]], shots: int) -> dict[str, int]:
+    from executors.base import Experiment, Job
+
+    lowered = lower(program, max_qubits=8, max_instructions=100)
+    job = Job("qcos", (Experiment(parse_qasm(lowered.qasm), shots),))
+    try:
+        experiment = executor.run(job).experiments[0]
+    finally:
+        executor.close()
+    return qcos_counts(experiment.counts, len(lowered.readout))
+
+
+def test_the_gpu_executor_runs_lowered_programs() -> None:
+    """Its NumPy backend (the same lowering as on a GPU, no CUDA needed)."""
+    from executors.gpu import GpuExecutor
+
+    flip = _counts_on(GpuExecutor({"backend": "numpy", "seed": 2}), [x(0), measure(0, 1)], 300)
+    assert flip == {"10": 300}
+    bell = _counts_on(GpuExecutor({"backend": "numpy", "seed": 2}),
+                      [y90(0), y90(1), cz(0, 1), y90(1, -1), measure(1, 0)], 400)
+    assert set(bell) == {"00", "11"} and min(bell.values()) > 100
+
+
+def test_qibolab_emulator_runs_lowered_programs() -> None:
+    """Pulse-level: QCOS's RPHI and CZ through qibolab's natives on the emulated device."""
+    qibolab = pytest.importorskip("executors.qibolab", reason="needs the hardware extra")
+    flip = _counts_on(qibolab.QibolabExecutor({"platform": "emulated_2q"}),
+                      [x(1), measure(0, 1)], 500)
+    assert flip.get("01", 0) > 400, flip  # the emulated device has real readout error
+
