@@ -133,6 +133,10 @@ def venv_shim(tmp_path: Path) -> Path:
     return venv
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_run_local_drains_once(tmp_path: Path, venv_shim: Path) -> None:
     """The terminal sends SIGINT to the foreground process group: the daemon must hear
     it once (drain), not once from the terminal and again from the script's trap."""
@@ -142,9 +146,13 @@ def test_ctrl_c_in_run_local_drains_once(tmp_path: Path, venv_shim: Path) -> Non
                     QPI_LOG_FORMAT="json", QPI_DRIVER_NAME="local-test", PYTHONUNBUFFERED="1")
     log = tmp_path / "run-local.log"
     with log.open("wb") as out:
-        # A session of its own: its process group is what a terminal's Ctrl-C signals.
+        # A session of its own: its process group is what a terminal's Ctrl-C signals. With
+        # SIGINT as a terminal's shell leaves it: a suite run in the background (`cmd &`
+        # in a script, nohup) inherits SIGINT ignored, and bash cannot trap a signal it
+        # was started ignoring, so the script would never hear the Ctrl-C.
         script = subprocess.Popen(["bash", str(ROOT / "scripts/run-local.sh")], env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                  preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 120
         while "daemon still serving" not in log.read_text(errors="replace"):
