@@ -41,7 +41,12 @@ class Parsed:
 # daemon -> executor process
 @dataclass(frozen=True, slots=True)
 class RunBatch:
+    """Jobs to run together. `parse` are jobs not yet parsed: parsed here first (one
+    job at a time, small, with nothing behind it: the round trip through the parser
+    process would cost more than the parse)."""
+
     jobs: list[PreparedJob]
+    parse: list[ParseJob] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,7 @@ class StartFailed:
 class BatchDone:
     outcomes: list[Outcome]
     fault: str | None
+    parse_seconds: list[float] = field(default_factory=list)  # of the batch's `parse` jobs
 
 
 @dataclass(frozen=True, slots=True)

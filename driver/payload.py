@@ -8,10 +8,12 @@ bits outside registers) is pickled as it is."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 from typing import TYPE_CHECKING, Any
 
+from executors.base import Experiment, Job
 from executors.flat import FlatCircuit, flatten
 
 if TYPE_CHECKING:
@@ -30,6 +32,20 @@ def loads(blob: bytes, flat: bool = False) -> Any:
     if not flat:
         return pickle.loads(blob)
     return _FlatUnpickler(io.BytesIO(blob)).load()
+
+
+def as_read(job: Job, flat: bool) -> Job:
+    """`job` as `loads(dumps(job), flat)` would give it back, without the pickling: for
+    a job parsed where it runs. A job for an executor that takes Qiskit circuits gets a
+    copy of each (the parser's cache keeps the originals, which must not be changed)."""
+    if not flat:
+        return loads(dumps(job))
+    experiments = []
+    for exp in job.experiments:
+        form = flatten(exp.circuit)
+        experiments.append(Experiment(form if form is not None else exp.circuit.copy(), exp.shots,
+                                      exp.memory, exp.source, exp.parameter_values))
+    return dataclasses.replace(job, experiments=tuple(experiments))
 
 
 def rebuild(*state: Any) -> QuantumCircuit:

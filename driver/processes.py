@@ -14,8 +14,9 @@ import os
 import signal
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from driver import logs, payload
@@ -34,10 +35,14 @@ from driver.messages import (
     Stop,
 )
 from driver.outcome import Outcome
-from executors.base import ErrorCode, JobError
+from executors.base import ErrorCode, Job, JobError
 
 # spawn, not fork: the parent runs NNG and event-loop threads a fork would copy mid-flight.
 _CTX = multiprocessing.get_context("spawn")
+# A message this small, to a child that has read everything sent before, goes straight
+# into the (then empty, 64 KiB) pipe from the event loop; anything else goes through the
+# sender thread, in order, so that a full pipe never holds the loop.
+INLINE_BYTES = 32 * 1024
 
 
 class ProcessDied(Exception):
@@ -92,8 +97,10 @@ def _executor_main(conn: multiprocessing.connection.Connection, name: str,
             conn.send(CalibrationReport(executor.calibration(), executor.health(),
                                         executor.capabilities()))
         elif isinstance(message, RunBatch):
-            outcomes = run_batch(executor, name, version, message.jobs, inbox.skipped())
-            conn.send(BatchDone(outcomes, executor.health()))
+            skipped = inbox.skipped()
+            parsed, answered, seconds = parse_here(executor, message.parse, skipped)
+            outcomes = run_batch(executor, name, version, message.jobs, skipped, parsed)
+            conn.send(BatchDone([*outcomes, *answered], executor.health(), seconds))
     executor.close()
 
 
@@ -139,25 +146,51 @@ class _Inbox:
 
 
 def run_batch(executor: Any, name: str, version: str, jobs: list[PreparedJob],
-              skipped: set[str] | frozenset[str] = frozenset()) -> list[Outcome]:
-    """Run prepared jobs together; an executor bug fails its jobs, not the process."""
+              skipped: set[str] | frozenset[str] = frozenset(),
+              parsed: Sequence[Job] = ()) -> list[Outcome]:
+    """Run prepared jobs (and `parsed`: jobs parsed in this process) together; an
+    executor bug fails its jobs, not the process."""
     runnable = [job for job in jobs if job.job_id not in skipped]
     flat = bool(getattr(executor, "takes_flat_circuits", False))
-    prepared = [payload.loads(job.payload, flat) for job in runnable]
+    loaded = [*(payload.loads(job.payload, flat) for job in runnable), *parsed]
     try:
-        results: list[Any] = executor.run_many(prepared) if prepared else []
+        results: list[Any] = executor.run_many(loaded) if loaded else []
     except Exception as exc:
         err = JobError(ErrorCode.JOB_FAILED,
                        f"executor {name!r} failed: {type(exc).__name__}: {exc}")
-        results = [err] * len(runnable)
-    by_id = dict(zip([job.job_id for job in runnable], results, strict=True))
+        results = [err] * len(loaded)
+    by_id = dict(zip([job.job_id for job in loaded], results, strict=True))
     cancelled = JobError(ErrorCode.JOB_CANCELLED, "cancelled before it ran")
     outcomes = []
-    for job in jobs:
-        res = by_id.get(job.job_id, cancelled)
-        outcomes.append(Outcome.failed(job.job_id, res) if isinstance(res, JobError)
-                        else Outcome.succeeded(job.job_id, result_map(res, name, version)))
+    for job_id in [*(job.job_id for job in jobs), *(job.job_id for job in parsed)]:
+        res = by_id.get(job_id, cancelled)
+        outcomes.append(Outcome.failed(job_id, res) if isinstance(res, JobError)
+                        else Outcome.succeeded(job_id, result_map(res, name, version)))
     return outcomes
+
+
+def parse_here(executor: Any, jobs: list[ParseJob], skipped: set[str] | frozenset[str]
+               ) -> tuple[list[Job], list[Outcome], list[float]]:
+    """A batch's jobs that come unparsed, parsed where they run: the jobs, as the
+    executor would have read them from the pipe; the others' answers (refused as the
+    parser would refuse them, or cancelled); and the seconds each parse took."""
+    flat = bool(getattr(executor, "takes_flat_circuits", False))
+    ready, answered, seconds = [], [], []
+    for message in jobs:
+        if message.job_id in skipped:
+            answered.append(Outcome.failed(message.job_id, JobError(
+                ErrorCode.JOB_CANCELLED, "cancelled before it ran")))
+            continue
+        started = time.perf_counter()
+        try:
+            job = prepare(message.job_id, message.spec, message.limits)
+        except Exception as exc:
+            answered.append(Outcome.failed(message.job_id, _refusal(exc)))
+            continue
+        finally:
+            seconds.append(time.perf_counter() - started)
+        ready.append(payload.as_read(job, flat))
+    return ready, answered, seconds
 
 
 def _parser_main(conn: multiprocessing.connection.Connection) -> None:
@@ -193,13 +226,17 @@ def parse_job(message: ParseJob) -> Parsed:
     started = time.perf_counter()
     try:
         job = prepare(message.job_id, message.spec, message.limits)
-    except JobError as exc:
-        return Parsed(message.job_id, None, exc, time.perf_counter() - started)
-    except Exception as exc:  # Qiskit refusing what validation let through: this job's fault
-        error = JobError(ErrorCode.CIRCUIT_INVALID, f"{type(exc).__name__}: {exc!s:.500}")
-        return Parsed(message.job_id, None, error, time.perf_counter() - started)
+    except Exception as exc:
+        return Parsed(message.job_id, None, _refusal(exc), time.perf_counter() - started)
     prepared = PreparedJob(job_id=message.job_id, payload=payload.dumps(job))
     return Parsed(message.job_id, prepared, None, time.perf_counter() - started)
+
+
+def _refusal(exc: Exception) -> JobError:
+    if isinstance(exc, JobError):
+        return exc
+    # Qiskit refusing what validation let through: this job's fault
+    return JobError(ErrorCode.CIRCUIT_INVALID, f"{type(exc).__name__}: {exc!s:.500}")
 
 
 # -- parent side -------------------------------------------------------------------------
@@ -215,6 +252,21 @@ class ChildProcess:
         self._conn: multiprocessing.connection.Connection | None = None
         self._waiting: tuple[int, asyncio.Future[None]] | None = None
         self.restarts = 0
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix=f"qpi-{self.kind}-send")
+        self._last_send: Future[None] | None = None
+
+    def _hand_over(self, message: Any, drained: bool) -> None:
+        """Send `message` in order with those before it: from the loop when the child has
+        read all of those (`drained`) and it is small, else from the sender thread."""
+        conn = self._conn
+        if conn is None:
+            return
+        data = ForkingPickler.dumps(message)
+        idle = self._last_send is None or self._last_send.done()
+        if drained and idle and len(data) <= INLINE_BYTES:
+            _send_quietly(conn, data)
+        else:
+            self._last_send = self._sender.submit(_send_quietly, conn, data)
 
     @property
     def pid(self) -> int | None:
@@ -312,7 +364,7 @@ class ExecutorProcess(ChildProcess):
         self.capabilities: Any = None
         self.calibration: dict[str, Any] | None = None
         self.fault: str | None = None  # the executor's own health report
-        self._sender = ThreadPoolExecutor(1, thread_name_prefix="qpi-executor-send")
+        self._unanswered = 0  # batches handed over whose BatchDone has not come back
 
     async def start(self) -> None:
         self._spawn(_executor_main, (self.name, self.options, self.version),
@@ -325,29 +377,35 @@ class ExecutorProcess(ChildProcess):
         self.capabilities, self.calibration, self.fault = (reply.capabilities,
                                                            reply.calibration, reply.fault)
 
+    def kill(self) -> None:
+        super().kill()
+        self._unanswered = 0  # a fresh executor has been handed nothing
+
     async def restart(self) -> None:
         self.kill()
         self.restarts += 1
         await self.start()
 
-    def submit(self, jobs: list[PreparedJob]) -> None:
-        """Hand over a batch; it runs after those handed over before it, and `done()`
-        answers each in turn. ProcessGone if the process is already dead (then the
-        batch was never seen). Sent from a thread: a batch larger than the pipe's
-        buffer would otherwise hold the event loop until the busy executor reads it."""
+    def submit(self, jobs: list[PreparedJob], parse: list[ParseJob] | None = None) -> None:
+        """Hand over a batch (`parse`: jobs it parses itself first); it runs after those
+        handed over before it, and `done()` answers each in turn. ProcessGone if the
+        process is already dead (then the batch was never seen). Sent from a thread: a
+        batch larger than the pipe's buffer would otherwise hold the event loop until
+        the busy executor reads it."""
         if self._conn is None or not self.alive:
             raise ProcessGone(self._death())
-        self._sender.submit(_send_quietly, self._conn, RunBatch(jobs))
+        self._hand_over(RunBatch(jobs, parse or []), drained=self._unanswered == 0)
+        self._unanswered += 1
 
     def skip(self, job_ids: list[str]) -> None:
         """Leave these jobs out of a handed-over batch that has not started yet."""
-        if self._conn is not None:
-            self._sender.submit(_send_quietly, self._conn, Skip(job_ids))
+        self._hand_over(Skip(job_ids), drained=False)
 
     async def done(self) -> BatchDone:
         """The next handed-over batch's outcomes, in the order they were handed over."""
         reply = await self._receive()
         assert isinstance(reply, BatchDone)
+        self._unanswered = max(0, self._unanswered - 1)
         self.fault = reply.fault
         return reply
 
@@ -379,9 +437,6 @@ class CircuitParser(ChildProcess):
         self._on_parsed = on_parsed
         self.timeout_s = timeout_s
         self._in_flight: OrderedDict[str, tuple[ParseJob, float]] = OrderedDict()
-        # Sends happen on one thread, in order: a large job would otherwise block the
-        # event loop until the busy parser reads it.
-        self._sender = ThreadPoolExecutor(1, thread_name_prefix="qpi-parser-send")
 
     @property
     def in_flight(self) -> int:
@@ -396,9 +451,9 @@ class CircuitParser(ChildProcess):
         self._post(job)
 
     def _post(self, job: ParseJob) -> None:
-        conn = self._conn
-        if conn is not None:
-            self._sender.submit(_send_quietly, conn, job)
+        # A large job goes from the sender thread: it would block the loop until the busy
+        # parser reads it. The parser has read all before when this is the only job.
+        self._hand_over(job, drained=len(self._in_flight) == 1)
 
     async def serve(self) -> None:
         """Hand each answer to `on_parsed`; recover from a crashed or hung parser."""
@@ -445,9 +500,10 @@ class CircuitParser(ChildProcess):
         self._sender.shutdown(wait=False, cancel_futures=True)
 
 
-def _send_quietly(conn: multiprocessing.connection.Connection, message: Any) -> None:
-    with contextlib.suppress(OSError, ValueError):  # a killed parser: _recover resends
-        conn.send(message)
+def _send_quietly(conn: multiprocessing.connection.Connection, data: bytes | memoryview) -> None:
+    """One pickled message (what Connection.send would write; the child's recv reads it)."""
+    with contextlib.suppress(OSError, ValueError):  # a killed child: its parent resends
+        conn.send_bytes(data)
 
 
 def _wake(future: asyncio.Future[None]) -> None:

@@ -38,6 +38,12 @@ from driver.store import QPI, ResultStore, StoreUnavailable
 from executors.base import ErrorCode, JobError
 
 PARSE_AHEAD = 64  # jobs handed to the parser before the executor asks for them
+# One job at a time (a variational loop: submit, wait, submit), nothing else in hand: a
+# job this small is parsed in the executor process, where it runs, saving the round trip
+# through the parser (two pipe hops and a wake-up of each process). Larger jobs, and any
+# job with others in hand, go through the parser, which keeps parsing off the executor.
+PARSE_HERE_CIRCUITS = 4
+PARSE_HERE_BYTES = 16 * 1024
 RUNNING_STATUS_AFTER_S = 0.05  # JobStatus "running" only for jobs that last
 PIPELINE = 2  # batches in the executor: the one running and the next, in its pipe
 # The next batch is put together once the running one is this far through its expected
@@ -79,6 +85,7 @@ class Batch:
     entries: list[Entry]
     submitted: bool = True  # False: the executor was found dead before it took it
     started: float = 0.0
+    parse_here: bool = False  # its one job goes unparsed: the executor parses it
 
     @property
     def ids(self) -> list[str]:
@@ -198,9 +205,27 @@ class JobRunner:
 
     def admit(self, job_id: str, spec: JobSpec, origin: str = QPI) -> None:
         ref = job_id if job_id not in self._jobs else f"{origin}:{job_id}#{next(self._clash)}"
-        self._jobs[ref] = Entry(job_id, spec, origin, ref)
+        entry = self._jobs[ref] = Entry(job_id, spec, origin, ref)
         self._refs[(origin, job_id)] = ref
-        self._feed_parser()
+        if not self._parse_where_it_runs(entry):
+            self._feed_parser()
+
+    def _parse_where_it_runs(self, entry: Entry) -> bool:
+        """With nothing else in hand, hand a small job to the executor unparsed (see
+        PARSE_HERE_BYTES); True if it was handed over (or answered)."""
+        if (len(self._jobs) != 1 or self._batches or self.parser.in_flight
+                or self._stopping or self._restarting or self._calibration_due
+                or not self._may_run(entry.origin)
+                or len(entry.spec.circuits) > PARSE_HERE_CIRCUITS
+                or sum(len(c.circuit) for c in entry.spec.circuits) > PARSE_HERE_BYTES):
+            return False
+        if self._mark_running([entry]):  # never run twice: marked before it is handed over
+            batch = Batch([entry], parse_here=True)
+            entry.state = State.HANDED
+            self._batches.append(batch)
+            self._submit(batch)
+            self._wake.set()
+        return True
 
     def _forget(self, entry: Entry) -> None:
         if self._jobs.pop(entry.ref, None) is not None:
@@ -346,7 +371,12 @@ class JobRunner:
 
     def _submit(self, batch: Batch) -> None:
         try:
-            self.executor.submit([e.prepared for e in batch.entries if e.prepared is not None])
+            if batch.parse_here:
+                self.executor.submit([], [ParseJob(e.ref, e.spec, self.limits)
+                                          for e in batch.entries])
+            else:
+                self.executor.submit([e.prepared for e in batch.entries
+                                      if e.prepared is not None])
             batch.submitted = True
         except ProcessGone as exc:
             batch.submitted = False
@@ -412,6 +442,8 @@ class JobRunner:
         left = max(0.0, head.started + timeout - time.monotonic())
         try:
             done = await asyncio.wait_for(self.executor.done(), left)
+            for seconds in done.parse_seconds:
+                self._metrics.parse.observe(seconds)
             return done.outcomes
         except TimeoutError:
             log.error("job timed out: restarting the executor", jobs=head.ids,
@@ -453,8 +485,8 @@ class JobRunner:
         for entry in batch.entries:
             if entry.answered:
                 self._forget(entry)
-            else:
-                entry.state = State.READY
+            else:  # one handed over unparsed goes to the parser, should it run later
+                entry.state = State.WAITING if batch.parse_here else State.READY
         try:
             for origin, group in by_origin(batch.entries).items():
                 self._store.unmark_running([e.job_id for e in group], origin)

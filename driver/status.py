@@ -86,7 +86,8 @@ class NodeStatus:
         current = self.status()
         if beat or current != self._last:
             self._last = current
-            self._notifier.status(self.describe())
+            if self._notifier.enabled:  # one job at a time flips busy/idle at every job
+                self._notifier.status(self.describe())
             return True
         return False
 

@@ -199,3 +199,17 @@ def test_an_aer_whose_internals_changed_runs_every_circuit_the_standard_way() ->
     assert first.experiments[0].flat is None  # built: the standard path ran it
     executor.run(second)
     assert second.experiments[0].flat is None  # and the direct path stays off
+
+
+@pytest.mark.parametrize("case", corpus(), ids=[case.name for case in corpus()])
+def test_a_job_parsed_where_it_runs_reads_as_one_that_crossed_the_pipe(case: object) -> None:
+    """payload.as_read (a job parsed in the executor process, one at a time) gives the
+    executor what the parser's pickle would have: the same forms, the same samples."""
+    circuit = parse_qasm(case.text)  # type: ignore[attr-defined]
+    if circuit.parameters:
+        circuit = circuit.assign_parameters([0.25] * circuit.num_parameters)
+    job = Job("job", (Experiment(circuit, 200, memory=True),))
+    here, piped = payload.as_read(job, flat=True), payload.loads(payload.dumps(job), True)
+    assert [e.flat is None for e in here.experiments] == [e.flat is None for e in piped.experiments]
+    assert here.experiments[0].circuit is not circuit  # the parser's cached original stays
+    assert_same(AerExecutor({"seed": SEED}).run(here), AerExecutor({"seed": SEED}).run(piped))
