@@ -156,10 +156,6 @@ class JobRunner:
 
     # -- what the other parts read ---------------------------------------------------------
 
-    def __contains__(self, job_id: str) -> bool:
-        """Whether QPI's job `job_id` is in hand (see `in_hand` for any front end)."""
-        return self.in_hand(QPI, job_id)
-
     def in_hand(self, origin: str, job_id: str) -> bool:
         return (origin, job_id) in self._refs
 
@@ -179,10 +175,6 @@ class JobRunner:
     def waiting_of(self, origin: str) -> int:
         return sum(1 for e in self._jobs.values()
                    if e.origin == origin and e.state is not State.RUNNING)
-
-    def origins(self) -> set[str]:
-        """The front ends with jobs in hand."""
-        return {e.origin for e in self._jobs.values()}
 
     @property
     def seconds_per_job(self) -> float:

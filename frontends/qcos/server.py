@@ -350,17 +350,18 @@ class QcosFrontend:
         return self._task_fields(task_id, view)
 
     async def _op_task_result(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self._task_fields(*self._known(request))
+
+    def _known(self, request: dict[str, Any]) -> tuple[str, JobView]:
+        """The task a request names, or `task_not_found`."""
         task_id = _task_field(request)
         view = self._lookup(task_id) if task_id else None
         if view is None:
             raise Refused("task_not_found", f"no task {str(task_id)[:80]!r} on this device")
-        return self._task_fields(task_id, view)
+        return task_id, view
 
     async def _op_cancel_task(self, request: dict[str, Any]) -> dict[str, Any]:
-        task_id = _task_field(request)
-        view = self._lookup(task_id) if task_id else None
-        if view is None:
-            raise Refused("task_not_found", f"no task {str(task_id)[:80]!r} on this device")
+        task_id, view = self._known(request)
         if view.state == "done":
             raise Refused("malformed_request", f"task {task_id} is already "
                           f"{_terminal_state(view.outcome)}; nothing to cancel")
