@@ -59,6 +59,7 @@ class Limits:
     max_shots: int
     max_circuits: int
     max_circuit_bytes: int = 1024 * 1024
+    job_timeout_s: float = 3600.0  # the node's cap on a job's time (settings.job_timeout_s)
 
 
 def read_spec(job: Any, limits: Limits) -> JobSpec:
@@ -170,6 +171,7 @@ def prepare(job_id: str, spec: JobSpec, limits: Limits) -> Job:
         experiments=tuple(experiments),
         meas_level=spec.meas_level,
         meas_return=spec.meas_return,
+        timeout_s=min(spec.timeout_s or limits.job_timeout_s, limits.job_timeout_s),
     )
 
 

@@ -47,6 +47,16 @@ class RunBatch:
 
     jobs: list[PreparedJob]
     parse: list[ParseJob] = field(default_factory=list)
+    # Jobs a stop of the node left running remotely: (job_id, what the executor recorded)
+    resume: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    """Jobs that stopped here (cancelled, timed out, their executor crashed) while work the
+    executor recorded for them went on remotely: release it (cancel the remote tasks)."""
+
+    jobs: list[tuple[str, dict[str, Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +83,22 @@ class Ready:
     capabilities: Any
     calibration: dict[str, Any] | None
     fault: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Mid-batch: the executor is about to start remote work for a job (e.g. submit the
+    tasks it created at a cloud QPU); it waits for Recorded before it does."""
+
+    job_id: str
+    state: dict[str, Any]
+
+
+# daemon -> executor process, the answer to Record
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    job_id: str
+    problem: str | None  # None: durable; else why not (then the work must not start)
 
 
 @dataclass(frozen=True, slots=True)

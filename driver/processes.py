@@ -22,12 +22,15 @@ from typing import Any
 from driver import logs, payload
 from driver.jobs import prepare, result_map
 from driver.messages import (
+    Abandon,
     BatchDone,
     CalibrationReport,
     Parsed,
     ParseJob,
     PreparedJob,
     Ready,
+    Record,
+    Recorded,
     RefreshCalibration,
     RunBatch,
     Skip,
@@ -92,6 +95,7 @@ def _executor_main(conn: multiprocessing.connection.Connection, name: str,
     conn.send(Ready(caps, executor.calibration(), executor.health()))
     _settle()
     inbox = _Inbox(conn)
+    executor.recorder = inbox.record
     for message in inbox:
         if isinstance(message, RefreshCalibration):
             conn.send(CalibrationReport(executor.calibration(), executor.health(),
@@ -100,8 +104,31 @@ def _executor_main(conn: multiprocessing.connection.Connection, name: str,
             skipped = inbox.skipped()
             parsed, answered, seconds = parse_here(executor, message.parse, skipped)
             outcomes = run_batch(executor, name, version, message.jobs, skipped, parsed)
-            conn.send(BatchDone([*outcomes, *answered], executor.health(), seconds))
+            resumed = [resume_job(executor, name, version, job_id, state)
+                       for job_id, state in message.resume]
+            conn.send(BatchDone([*outcomes, *answered, *resumed], executor.health(), seconds))
+        elif isinstance(message, Abandon):
+            for job_id, state in message.jobs:
+                try:
+                    executor.abandon(job_id, state)
+                except Exception as exc:  # best effort: the job is answered already
+                    logs.get("qpi.executor").warning("could not release a job's remote work",
+                                                     job_id=job_id, reason=str(exc))
     executor.close()
+
+
+def resume_job(executor: Any, name: str, version: str, job_id: str,
+               state: dict[str, Any]) -> Outcome:
+    """A job the last stop of the node left running remotely, finished from its record."""
+    try:
+        return Outcome.succeeded(job_id, result_map(executor.resume(job_id, state), name,
+                                                    version))
+    except JobError as exc:
+        return Outcome.failed(job_id, exc)
+    except Exception as exc:  # an executor bug fails the job, not the process
+        return Outcome.failed(job_id, JobError(
+            ErrorCode.JOB_FAILED, f"executor {name!r} failed to resume this job: "
+            f"{type(exc).__name__}: {exc}"))
 
 
 class _Inbox:
@@ -113,6 +140,27 @@ class _Inbox:
         self._conn = conn
         self._ahead: deque[Any] = deque()
         self._skips: set[str] = set()
+
+    def record(self, job_id: str, state: dict[str, Any]) -> None:
+        """The executor's `recorder`: the daemon stores `state` with the job and answers;
+        what it sends meanwhile is kept in order (Skips noted)."""
+        self._conn.send(Record(job_id, state))
+        while True:
+            try:
+                message = self._conn.recv()
+            except EOFError:
+                raise JobError(ErrorCode.JOB_FAILED, "the driver went away before this "
+                               "job's remote work was recorded; it was not started") from None
+            if isinstance(message, Recorded) and message.job_id == job_id:
+                break
+            if isinstance(message, Skip):
+                self._skips.update(message.job_ids)
+            else:
+                self._ahead.append(message)
+        if message.problem is not None:
+            raise JobError(ErrorCode.QUOTA_EXCEEDED, f"the driver cannot record this job's "
+                           f"remote work durably ({message.problem}); it was not started. "
+                           "Retry later.")
 
     def __iter__(self) -> Iterator[Any]:
         while True:
@@ -365,6 +413,9 @@ class ExecutorProcess(ChildProcess):
         self.calibration: dict[str, Any] | None = None
         self.fault: str | None = None  # the executor's own health report
         self._unanswered = 0  # batches handed over whose BatchDone has not come back
+        # Stores a job's record (Executor.record) durably: None, or why it could not.
+        self.on_record: Callable[[str, dict[str, Any]], str | None] = (
+            lambda job_id, state: "no store to record in")
 
     async def start(self) -> None:
         self._spawn(_executor_main, (self.name, self.options, self.version),
@@ -386,7 +437,8 @@ class ExecutorProcess(ChildProcess):
         self.restarts += 1
         await self.start()
 
-    def submit(self, jobs: list[PreparedJob], parse: list[ParseJob] | None = None) -> None:
+    def submit(self, jobs: list[PreparedJob], parse: list[ParseJob] | None = None,
+               resume: list[tuple[str, dict[str, Any]]] | None = None) -> None:
         """Hand over a batch (`parse`: jobs it parses itself first); it runs after those
         handed over before it, and `done()` answers each in turn. ProcessGone if the
         process is already dead (then the batch was never seen). Sent from a thread: a
@@ -394,16 +446,26 @@ class ExecutorProcess(ChildProcess):
         the busy executor reads it."""
         if self._conn is None or not self.alive:
             raise ProcessGone(self._death())
-        self._hand_over(RunBatch(jobs, parse or []), drained=self._unanswered == 0)
+        self._hand_over(RunBatch(jobs, parse or [], resume or []),
+                        drained=self._unanswered == 0)
         self._unanswered += 1
+
+    def abandon(self, jobs: list[tuple[str, dict[str, Any]]]) -> None:
+        """Have the executor release the remote work of jobs it no longer runs."""
+        self._hand_over(Abandon(jobs), drained=self._unanswered == 0)
 
     def skip(self, job_ids: list[str]) -> None:
         """Leave these jobs out of a handed-over batch that has not started yet."""
         self._hand_over(Skip(job_ids), drained=False)
 
     async def done(self) -> BatchDone:
-        """The next handed-over batch's outcomes, in the order they were handed over."""
+        """The next handed-over batch's outcomes, in the order they were handed over.
+        Meanwhile the executor's records (Executor.record) are stored and answered."""
         reply = await self._receive()
+        while isinstance(reply, Record):
+            problem = self.on_record(reply.job_id, reply.state)
+            self._hand_over(Recorded(reply.job_id, problem), drained=False)
+            reply = await self._receive()
         assert isinstance(reply, BatchDone)
         self._unanswered = max(0, self._unanswered - 1)
         self.fault = reply.fault

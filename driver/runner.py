@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from driver import logs
 from driver.jobs import JobSpec, Limits
@@ -67,14 +68,21 @@ class Entry:
     unless another front end's job in hand has that id."""
 
     job_id: str
-    spec: JobSpec
+    spec: JobSpec | None  # None: a job resumed from its record (nothing to parse)
     origin: str = QPI
     ref: str = ""
     state: State = State.WAITING
     prepared: PreparedJob | None = None
     received: float = field(default_factory=time.monotonic)
     cancelled: bool = False
-    answered: bool = False  # cancelled while handed over: answered then, not at its end
+    # Answered already: cancelled while handed over, or left running remotely at a stop
+    # (answered after the next start, from its record).
+    answered: bool = False
+    record: dict[str, Any] | None = None  # the executor's record of its remote work
+
+    @property
+    def timeout_s(self) -> float | None:
+        return self.spec.timeout_s if self.spec is not None else None
 
 
 @dataclass(slots=True)
@@ -136,6 +144,7 @@ class JobRunner:
         self._may_run = may_run
         self.limits = Limits(1, 1, 1)
         self.parser = CircuitParser(self._parsed)
+        executor.on_record = self._record
         self._jobs: OrderedDict[str, Entry] = OrderedDict()  # by ref, in arrival order
         self._refs: dict[tuple[str, str], str] = {}  # (origin, job_id) -> ref
         self._clash = itertools.count(1)
@@ -196,15 +205,45 @@ class JobRunner:
         await self.parser.start()
 
     def admit(self, job_id: str, spec: JobSpec, origin: str = QPI) -> None:
-        ref = job_id if job_id not in self._jobs else f"{origin}:{job_id}#{next(self._clash)}"
-        entry = self._jobs[ref] = Entry(job_id, spec, origin, ref)
-        self._refs[(origin, job_id)] = ref
+        entry = self._enter(Entry(job_id, spec, origin))
         if not self._parse_where_it_runs(entry):
             self._feed_parser()
+
+    def resume(self, jobs: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Jobs the last stop left running remotely, (origin, job_id, record): each is
+        finished from its record by the executor, first, never submitted again."""
+        for origin, job_id, record in jobs:
+            self._enter(Entry(job_id, None, origin, state=State.READY, record=record))
+        if jobs:
+            log.info("resuming jobs left running remotely by the last stop", jobs=len(jobs))
+            self._wake.set()
+
+    def _enter(self, entry: Entry) -> Entry:
+        job_id, origin = entry.job_id, entry.origin
+        entry.ref = (job_id if job_id not in self._jobs
+                     else f"{origin}:{job_id}#{next(self._clash)}")
+        self._jobs[entry.ref] = entry
+        self._refs[(origin, job_id)] = entry.ref
+        return entry
+
+    def _record(self, ref: str, state: dict[str, Any]) -> str | None:
+        """The executor's record of a running job's remote work, made durable before that
+        work starts (ExecutorProcess.on_record): None, or why it could not be."""
+        entry = self._jobs.get(ref)
+        if entry is None or entry.state is not State.RUNNING or entry.answered:
+            return "the job is no longer running here (cancelled)"
+        try:
+            self._store.record(entry.origin, entry.job_id, self._settings.executor, state)
+        except StoreUnavailable as exc:
+            self._changed(False)
+            return exc.reason
+        entry.record = state
+        return None
 
     def _parse_where_it_runs(self, entry: Entry) -> bool:
         """With nothing else in hand, hand a small job to the executor unparsed (see
         PARSE_HERE_BYTES); True if it was handed over (or answered)."""
+        assert entry.spec is not None
         if (len(self._jobs) != 1 or self._batches or self.parser.in_flight
                 or self._stopping or self._restarting or self._calibration_due
                 or not self._may_run(entry.origin)
@@ -230,7 +269,7 @@ class JobRunner:
         for entry in self._jobs.values():
             if self.parser.in_flight >= PARSE_AHEAD:
                 return
-            if entry.state is State.WAITING:
+            if entry.state is State.WAITING and entry.spec is not None:
                 entry.state = State.PARSING
                 self.parser.submit(ParseJob(entry.ref, entry.spec, self.limits))
 
@@ -305,17 +344,19 @@ class JobRunner:
                        allowed.setdefault(e.origin, self._may_run(e.origin))])
         if not ready:
             return []
+        if ready[0].spec is None:  # resumed jobs go together, before any other
+            return [e for e in ready if e.spec is None]
         # Jobs that ask for their own timeout run alone, so the timeout is theirs. Others
         # run together up to batch_max_jobs and, by the time jobs took lately, about
         # batch_max_seconds of work: a crash costs at most that batch.
-        if ready[0].spec.timeout_s is not None:
+        if ready[0].timeout_s is not None:
             return ready[:1]
         limit = self._settings.batch_max_jobs
         if self._seconds_per_job > 0:
             limit = min(limit, int(self._settings.batch_max_seconds / self._seconds_per_job))
         batch = []
         for entry in ready[: max(1, limit)]:
-            if entry.spec.timeout_s is not None:
+            if entry.spec is None or entry.timeout_s is not None:
                 break
             batch.append(entry)
         return batch
@@ -365,10 +406,12 @@ class JobRunner:
         try:
             if batch.parse_here:
                 self.executor.submit([], [ParseJob(e.ref, e.spec, self.limits)
-                                          for e in batch.entries])
+                                          for e in batch.entries if e.spec is not None])
             else:
-                self.executor.submit([e.prepared for e in batch.entries
-                                      if e.prepared is not None])
+                self.executor.submit(
+                    [e.prepared for e in batch.entries if e.prepared is not None],
+                    resume=[(e.ref, e.record) for e in batch.entries
+                            if e.spec is None and e.record is not None])
             batch.submitted = True
         except ProcessGone as exc:
             batch.submitted = False
@@ -429,7 +472,7 @@ class JobRunner:
             await self._refresh_calibration()
 
     async def _outcomes(self, head: Batch) -> list[Outcome]:
-        own = head.entries[0].spec.timeout_s
+        own = head.entries[0].timeout_s
         timeout = min(own, self._settings.job_timeout_s) if own else self._settings.job_timeout_s
         left = max(0.0, head.started + timeout - time.monotonic())
         try:
@@ -443,23 +486,50 @@ class JobRunner:
             failure = JobError(ErrorCode.JOB_TIMEOUT,
                                f"the job ran past its timeout of {timeout:g} s and was stopped")
             self._batches.popleft()
-            await self._fresh_executor()
+            await self._fresh_executor(self._remote_work(head))
             return [Outcome.failed(e.ref, failure) for e in head.entries]
         except ProcessDied as exc:
             self._batches.popleft()
-            await self._fresh_executor()
-            return [self._crashed(e, exc.reason, len(head.entries)) for e in head.entries]
+            if self._stopping:
+                self._leave_running(head)
+            await self._fresh_executor(self._remote_work(head))
+            return [self._crashed(e, exc.reason, len(head.entries)) for e in head.entries
+                    if not e.answered]
 
-    async def _fresh_executor(self) -> bool:
-        """Restart the executor and hand it again the batches that never started; when
-        stopping, there is none to restart: they go back to the queue, unmarked."""
+    @staticmethod
+    def _remote_work(batch: Batch) -> list[tuple[str, dict[str, Any]]]:
+        """What the executor recorded for the jobs of a batch it no longer runs (and that
+        are answered now): for the fresh executor to release."""
+        return [(e.ref, e.record) for e in batch.entries
+                if e.record is not None and not e.answered]
+
+    def _leave_running(self, batch: Batch) -> None:
+        """The node stops (a drain that ran out of time) while jobs wait on remote work
+        they recorded: not answered now, they stay running in the store with their
+        record, and the next start resumes them; the remote tasks run on meanwhile."""
+        left = [e for e in batch.entries if e.record is not None and not e.cancelled]
+        for entry in left:
+            entry.answered = True
+        if left:
+            log.warning("jobs left running remotely; the next start resumes them",
+                        jobs=[e.job_id for e in left])
+
+    async def _fresh_executor(self, release: list[tuple[str, dict[str, Any]]] | None = None
+                              ) -> bool:
+        """Restart the executor, have it `release` remote work of jobs answered here, and
+        hand it again the batches that never started; when stopping, there is none to
+        restart: they go back to the queue, unmarked."""
         await self.restart_executor()
         waiting = [b for b in self._batches if not b.started or not b.submitted]
         if not self.executor.alive:
+            if release:
+                log.warning("cannot release remote work: no executor", jobs=len(release))
             self._batches.clear()
             for batch in waiting:
                 self._unstage(batch)
             return False
+        if release:
+            self.executor.abandon(release)
         for batch in list(self._batches):
             for entry in batch.entries:
                 if entry.answered:  # cancelled while it waited: never to run
@@ -479,8 +549,8 @@ class JobRunner:
                 self._forget(entry)
             else:  # one handed over unparsed goes to the parser, should it run later
                 entry.state = State.WAITING if batch.parse_here else State.READY
-        try:
-            for origin, group in by_origin(batch.entries).items():
+        try:  # (a resumed job stays marked, with its record: the next start resumes it)
+            for origin, group in by_origin(e for e in batch.entries if e.spec is not None).items():
                 self._store.unmark_running([e.job_id for e in group], origin)
         except StoreUnavailable as exc:  # they stay marked: a restart answers them failed
             log.warning("cannot unmark jobs that never ran", reason=exc.reason, jobs=batch.ids)

@@ -210,7 +210,7 @@ class Driver:
         try:
             self.store = ResultStore(path, self.settings.result_retention_s,
                                      self.settings.result_max_rows)
-            interrupted = self.store.recover_interrupted()
+            interrupted = self.store.recover_interrupted(resumes=self.settings.executor)
         except (OSError, sqlite3.Error) as exc:
             if self.store is not None:
                 self.store.close()
@@ -301,9 +301,12 @@ class Driver:
             self.metrics.add_collector(nvml)
         limits = Limits(max_qubits=min(s.max_qubits or caps.max_qubits, caps.max_qubits),
                         max_shots=min(s.max_shots, caps.max_shots),
-                        max_circuits=s.max_circuits, max_circuit_bytes=s.max_circuit_bytes)
+                        max_circuits=s.max_circuits, max_circuit_bytes=s.max_circuit_bytes,
+                        job_timeout_s=s.job_timeout_s)
         self._p.core.limits, self._p.core.meas_levels = limits, tuple(caps.meas_levels)
         await self._p.runner.start(limits)
+        assert self.store is not None
+        self._p.runner.resume(self.store.resumable(s.executor))
         log.info("executor ready", executor=s.executor, pid=self.executor.pid,
                  max_qubits=limits.max_qubits, device=caps.device, precision=caps.precision)
         return 0

@@ -37,6 +37,15 @@ _SCHEMA = _TABLE.format(name="jobs") + """
 CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (origin, state, delivered, acked);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished);
 CREATE TABLE IF NOT EXISTS probe (filler BLOB);
+-- What an executor recorded of a running job's remote work (the tasks it created at a
+-- cloud QPU), kept until the job is answered: after a restart the job is resumed from it.
+CREATE TABLE IF NOT EXISTS records (
+    origin   TEXT NOT NULL,
+    job_id   TEXT NOT NULL,
+    executor TEXT NOT NULL,
+    state    BLOB NOT NULL,           -- msgpack of what the executor recorded
+    PRIMARY KEY (origin, job_id)
+);
 """
 # A store from before front ends (no `origin`, keyed by job_id alone): its rows are QPI's.
 _OLD = ", ".join(COLUMNS[:-1])
@@ -109,17 +118,36 @@ class ResultStore:
         self._write([("INSERT INTO probe VALUES (zeroblob(?))", [(PROBE_BYTES,)]),
                      ("DELETE FROM probe", [()])])
 
-    def recover_interrupted(self) -> list[str]:
+    def recover_interrupted(self, resumes: str | None = None) -> list[str]:
         """Jobs left `running` by a crash (of any front end): answer them with an error,
-        never re-run."""
-        rows = [(r[0], r[1]) for r in
-                self._db.execute("SELECT origin, job_id FROM jobs WHERE state='running'")]
+        never re-run. Those the executor `resumes` recorded remote work for are left
+        running, to be resumed (`resumable`)."""
+        rows = [(r[0], r[1]) for r in self._db.execute(
+            "SELECT origin, job_id FROM jobs WHERE state='running' AND NOT EXISTS (SELECT 1 "
+            "FROM records r WHERE r.origin=jobs.origin AND r.job_id=jobs.job_id "
+            "AND r.executor IS ?)", (resumes,))]
         if rows:
             blob = msgpack.packb(INTERRUPTED)
             self._write([("UPDATE jobs SET state='done', result=?, finished=? "
                           "WHERE origin=? AND job_id=?",
-                          [(blob, time.time(), *key) for key in rows])])
+                          [(blob, time.time(), *key) for key in rows]),
+                         ("DELETE FROM records WHERE origin=? AND job_id=?", rows)])
         return [job_id for _, job_id in rows]
+
+    def resumable(self, executor: str) -> list[tuple[str, str, dict[str, Any]]]:
+        """Running jobs with remote work `executor` recorded: (origin, job_id, record)."""
+        rows = self._db.execute(
+            "SELECT r.origin, r.job_id, r.state FROM records r JOIN jobs j ON "
+            "j.origin=r.origin AND j.job_id=r.job_id WHERE j.state='running' AND "
+            "r.executor=? ORDER BY j.started", (executor,))
+        return [(origin, job_id, msgpack.unpackb(blob)) for origin, job_id, blob in rows]
+
+    def record(self, origin: str, job_id: str, executor: str, state: dict[str, Any]) -> None:
+        """Keep what `executor` is about to start remotely for a running job (the task
+        ids it created): StoreUnavailable if it is not durable, and then it must not."""
+        self._write([("INSERT OR REPLACE INTO records (origin, job_id, executor, state) "
+                      "VALUES (?, ?, ?, ?)", [(origin, job_id, executor,
+                                                msgpack.packb(state))])])
 
     def mark_running(self, job_ids: Iterable[str], origin: str = QPI) -> None:
         now = time.time()
@@ -130,8 +158,9 @@ class ResultStore:
     def unmark_running(self, job_ids: Iterable[str], origin: str = QPI) -> None:
         """Jobs marked running that never reached the executor (it stopped first): a
         later dispatch of them may run."""
-        self._write([("DELETE FROM jobs WHERE origin=? AND job_id=? AND state='running'",
-                      [(origin, job_id) for job_id in job_ids])])
+        keys = [(origin, job_id) for job_id in job_ids]
+        self._write([("DELETE FROM jobs WHERE origin=? AND job_id=? AND state='running'", keys),
+                     ("DELETE FROM records WHERE origin=? AND job_id=?", keys)])
 
     def finish(self, outcomes: Iterable[Outcome], delivered: Iterable[str] = (),
                origin: str = QPI, *, all_delivered: bool = False) -> list[Outcome]:
@@ -151,6 +180,8 @@ class ResultStore:
              "delivered=MAX(delivered, excluded.delivered)", rows),
             ("UPDATE jobs SET delivered=1 WHERE origin=? AND job_id=?",
              [(origin, j) for j in delivered]),
+            ("DELETE FROM records WHERE origin=? AND job_id=?",
+             [(origin, o.job_id) for o in stored]),
         ])
         return stored
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -111,6 +111,9 @@ class Job:
     experiments: tuple[Experiment, ...]
     meas_level: int = 2
     meas_return: str = "single"
+    # How long the job may take, from when its batch starts (the node stops it then): an
+    # executor that waits on remote work bounds its wait by this.
+    timeout_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -216,6 +219,10 @@ class Executor(abc.ABC):
     # ValueError deep in the executor and a restart loop.
     OPTION_TYPES: ClassVar[Mapping[str, Any]] = {}
 
+    # Set by the executor process (driver.processes): makes a record durable in the node's
+    # store, or raises JobError. Outside a node (a test, a script) records go nowhere.
+    recorder: Callable[[str, dict[str, Any]], None] | None = None
+
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})
         names = self.OPTIONS | set(self.OPTION_TYPES)  # a typed option is declared too
@@ -257,6 +264,28 @@ class Executor(abc.ABC):
             except JobError as exc:
                 out.append(exc)
         return out
+
+    # -- remote work: for executors whose jobs run elsewhere (a cloud QPU) -------------------
+
+    def record(self, job_id: str, state: dict[str, Any]) -> None:
+        """Make `state` (plain data: what was created remotely for the job, e.g. task ids)
+        durable with the job before doing what must not be done twice, such as submitting
+        paid tasks; returns once it is, or raises JobError (then do not go on). Should the
+        node stop while the job runs, it is handed to `resume(job_id, state)` after the
+        restart instead of being answered as interrupted; should it be cancelled, time out
+        or its executor crash, a fresh executor gets `abandon(job_id, state)`."""
+        if self.recorder is not None:
+            self.recorder(job_id, state)
+
+    def resume(self, job_id: str, state: dict[str, Any]) -> JobResult:
+        """Finish a job from its record after the node restarted (poll the tasks it had
+        created, never submit them again)."""
+        raise JobError(ErrorCode.JOB_FAILED, f"executor {self.name!r} cannot resume a job; "
+                       "it was not re-run, to avoid executing it twice. Resubmit it.")
+
+    def abandon(self, job_id: str, state: dict[str, Any]) -> None:  # noqa: B027
+        """Release the remote work a job recorded: it was cancelled, timed out, or its
+        executor crashed (cancel the tasks still active). Best effort: report, never raise."""
 
     @abc.abstractmethod
     def capabilities(self) -> Capabilities:

@@ -51,3 +51,27 @@ def test_prune_drops_only_delivered_results(tmp_path: Path) -> None:
     capped.mark_delivered([f"k{i}" for i in range(5)])
     assert capped.prune() == 2 and capped.count() == 3
     assert capped.state("k0") is None and capped.state("k4") is not None
+
+
+def test_recorded_remote_work_survives_a_stop_for_its_executor_only(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite3"
+    store = ResultStore(path)
+    store.mark_running(["remote", "local"])
+    store.mark_running(["task"], "qcos")
+    record = {"tasks": [{"id": "t-1", "shots": 10}], "deadline": 1.5}
+    store.record("qpi", "remote", "oqc", record)
+    store.record("qcos", "task", "oqc", record)
+    store.close()
+    store = ResultStore(path)  # after a crash, under the same executor: resumed, not failed
+    assert store.recover_interrupted(resumes="oqc") == ["local"]
+    assert store.resumable("oqc") == [("qpi", "remote", record), ("qcos", "task", record)]
+    state = store.state("remote")
+    assert state is not None and state[0] == "running"
+    store.finish([ok("remote", {"counts": {"0": 10}})])  # answered: its record goes
+    assert store.resumable("oqc") == [("qcos", "task", record)]
+    store.close()
+    store = ResultStore(path)  # now under another executor: nothing can resume it
+    assert store.recover_interrupted(resumes="aer") == ["task"]
+    assert store.resumable("oqc") == []
+    answer = store.state("task", "qcos")
+    assert answer is not None and answer[1] is not None and answer[1].error is not None
