@@ -25,6 +25,7 @@ BUILTIN: dict[str, str] = {
     "aer": "executors.aer:AerExecutor",
     "gpu": "executors.gpu:GpuExecutor",
     "qibolab": "executors.qibolab:QibolabExecutor",
+    "oqc": "executors.oqc:OqcExecutor",
 }
 
 
