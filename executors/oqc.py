@@ -440,10 +440,9 @@ class OqcExecutor(Executor):
         that ended)."""
         if self._sdk is None:
             return
-        composite = self._composite(self._sdk, tasks)
         try:
-            await asyncio.gather(*(child.refresh() for child in composite.jobs))
-            await composite.cancel_if_active()
+            looked = await _looked_at(self._composite(self._sdk, tasks))
+            await looked.cancel_if_active()
         except Exception as exc:  # best effort: the job is answered either way
             from driver import logs
 

@@ -9,6 +9,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +118,19 @@ async def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def local_url(d: Daemon) -> str:
+    """The URL a daemon in local mode prints for its embedded stand-in, once connected."""
+    found: list[str] = []
+
+    def banner() -> bool:
+        found[:] = re.findall(r"--url (http://127\.0\.0\.1:\d+)", d.output())
+        return (bool(found) and "connected" in d.output()) or d.proc.poll() is not None
+
+    await wait_for(banner, what="the local daemon's banner")
+    assert found, d.output()
+    return found[0]
 
 
 async def start_connected(tmp_path: Path, orch: LocalOrchestrator, env: dict[str, str],

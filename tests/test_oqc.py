@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import pytest
 
 pytest.importorskip("oqc_qcaas_sdk", reason="the oqc extra (oqc-qcaas-sdk) is not installed")
 
-from qiskit import QuantumCircuit, qasm3
+from qiskit import QuantumCircuit
 from qpi_client import QPIClient
 
 from driver.jobs import JobSpec, Limits, prepare
@@ -27,7 +26,7 @@ from executors.base import ErrorCode, Job, JobError, JobResult, OptionError
 from executors.oqc import OqcExecutor, qiskit_counts
 from frontends.qpi.orchestrator import LocalOrchestrator
 from frontends.qpi.wire import EventType
-from tests.conftest import daemon_env, start_connected, start_daemon, wait_for
+from tests.conftest import daemon_env, local_url, start_connected, start_daemon, wait_for
 from tests.oqc_server import QPU_ID, TOKEN, QcaasEmulator
 
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -237,27 +236,16 @@ def _env(tmp_path: Path, orch: LocalOrchestrator | None, qcaas: QcaasEmulator,
                                          "QPI_EXECUTOR_OPTIONS": options, **OFFLINE, **extra})
 
 
-def _qasm3(qc: QuantumCircuit) -> str:
-    return qasm3.dumps(qc)
-
-
 async def test_qpi_client_reads_oqc_results_in_local_mode(
         tmp_path: Path, qcaas: QcaasEmulator) -> None:
     """`qpi-driver --executor oqc` with its embedded stand-in, and the real qpi-client."""
     d = start_daemon(tmp_path, _env(tmp_path, None, qcaas, QPI_LOG_FORMAT="console"),
                      "--local-port", "0")
     try:
-        found: list[str] = []
-
-        def banner() -> bool:
-            found[:] = re.findall(r"--url (http://127\.0\.0\.1:\d+)", d.output())
-            return (bool(found) and "connected" in d.output()) or d.proc.poll() is not None
-
-        await wait_for(banner, what="the local daemon's banner")
-        assert found, d.output()
+        url = await local_url(d)
 
         def use_client() -> list[dict[str, int]]:
-            backend = QPIClient(found[0]).get_backend("test-node")
+            backend = QPIClient(url).get_backend("test-node")
             bell = QuantumCircuit(2, 2)
             bell.h(0)
             bell.cx(0, 1)

@@ -14,7 +14,14 @@ from qiskit.circuit import Parameter
 from qpi_client import QPIClient
 
 from frontends.qpi.orchestrator import LocalOrchestrator
-from tests.conftest import ROOT, Daemon, aer_max_qubits, daemon_env, start_daemon, wait_for
+from tests.conftest import (
+    ROOT,
+    Daemon,
+    aer_max_qubits,
+    daemon_env,
+    local_url,
+    start_daemon,
+)
 
 
 def _bell() -> QuantumCircuit:
@@ -69,18 +76,11 @@ async def test_local_mode_runs_a_circuit_end_to_end(tmp_path: Path) -> None:
     env = daemon_env(tmp_path, None, QPI_LOG_FORMAT="console")
     d = start_daemon(tmp_path, env, "--executor", "aer", "--local-port", "0")
     try:
-        found: list[str] = []
-
-        def banner() -> bool:
-            found[:] = re.findall(r"--url (http://127\.0\.0\.1:\d+)", d.output())
-            return (bool(found) and "connected" in d.output()) or d.proc.poll() is not None
-
-        await wait_for(banner, what="the local daemon's banner")
-        assert found, d.output()
+        url = await local_url(d)
         proc = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "driver", "submit", str(ROOT / "examples/bell.qasm"),
-             "--shots", "500", "--url", found[0]],
+             "--shots", "500", "--url", url],
             env=env, capture_output=True, text=True, timeout=120,
         )
         assert proc.returncode == 0, proc.stderr
