@@ -72,7 +72,7 @@ class StartFailedError(Exception):
 
 
 def _executor_main(conn: multiprocessing.connection.Connection, name: str,
-                   options: dict[str, Any], version: str) -> None:
+                   options: dict[str, Any], version: str, spin_s: float = 0.0) -> None:
     """Executor process: build the executor once, then run batches until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     # OpenMP threads (Aer's) that spin long while they wait take the cores from the
@@ -94,7 +94,7 @@ def _executor_main(conn: multiprocessing.connection.Connection, name: str,
         return
     conn.send(Ready(caps, executor.calibration(), executor.health()))
     _settle()
-    inbox = _Inbox(conn)
+    inbox = _Inbox(conn, spin_s)
     executor.recorder = inbox.record
     for message in inbox:
         if isinstance(message, RefreshCalibration):
@@ -107,6 +107,7 @@ def _executor_main(conn: multiprocessing.connection.Connection, name: str,
             resumed = [resume_job(executor, name, version, job_id, state)
                        for job_id, state in message.resume]
             conn.send(BatchDone([*outcomes, *answered, *resumed], executor.health(), seconds))
+            inbox.answered()
         elif isinstance(message, Abandon):
             for job_id, state in message.jobs:
                 try:
@@ -134,12 +135,39 @@ def resume_job(executor: Any, name: str, version: str, job_id: str,
 class _Inbox:
     """The executor's messages in order. The daemon sends the next batch while one runs,
     and may then cancel some of its jobs (Skip): before a batch starts, the Skips
-    already in the pipe are read, and other messages read with them are kept in order."""
+    already in the pipe are read, and other messages read with them are kept in order.
 
-    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
+    A client that sends one job at a time (submit, wait, submit) sends the next job a
+    millisecond or so after the last result. Waking a process that sleeps in a blocking
+    read costs tens of microseconds per hop on a VM (the idle vCPU has halted), so after
+    a batch whose successor came within `spin_s`, the next read first polls the pipe for
+    up to `spin_s`. A client that comes back later is waited for asleep, as are the jobs
+    queued behind a batch (they are in the pipe already: nothing to poll for)."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection, spin_s: float = 0.0) -> None:
         self._conn = conn
         self._ahead: deque[Any] = deque()
         self._skips: set[str] = set()
+        self._spin_s = spin_s
+        self._answered_at: float | None = None  # when the last BatchDone went out
+        self._soon = False  # whether the message after the one before came within spin_s
+
+    def answered(self) -> None:
+        """A batch's answer went out: the wait for the next message starts."""
+        self._answered_at = time.monotonic()
+
+    def _next(self) -> Any:
+        """The next message from the pipe (EOFError once the daemon has closed it)."""
+        since = self._answered_at
+        if since is not None and self._soon:
+            deadline = since + self._spin_s
+            while not self._conn.poll() and time.monotonic() < deadline:
+                pass
+        message = self._conn.recv()
+        if since is not None:
+            self._soon = self._spin_s > 0 and time.monotonic() - since <= self._spin_s
+            self._answered_at = None
+        return message
 
     def record(self, job_id: str, state: dict[str, Any]) -> None:
         """The executor's `recorder`: the daemon stores `state` with the job and answers;
@@ -168,7 +196,7 @@ class _Inbox:
                 message = self._ahead.popleft()
             else:
                 try:
-                    message = self._conn.recv()
+                    message = self._next()
                 except EOFError:
                     return
             if isinstance(message, Stop):
@@ -406,9 +434,11 @@ class ExecutorProcess(ChildProcess):
 
     kind = "executor"
 
-    def __init__(self, name: str, options: dict[str, Any], version: str) -> None:
+    def __init__(self, name: str, options: dict[str, Any], version: str,
+                 spin_s: float = 0.0) -> None:
         super().__init__()
         self.name, self.options, self.version = name, options, version
+        self.spin_s = spin_s  # see _Inbox
         self.capabilities: Any = None
         self.calibration: dict[str, Any] | None = None
         self.fault: str | None = None  # the executor's own health report
@@ -418,7 +448,7 @@ class ExecutorProcess(ChildProcess):
             lambda job_id, state: "no store to record in")
 
     async def start(self) -> None:
-        self._spawn(_executor_main, (self.name, self.options, self.version),
+        self._spawn(_executor_main, (self.name, self.options, self.version, self.spin_s),
                     f"qpi-executor-{self.name}")
         reply = await self._receive()
         if isinstance(reply, StartFailed):

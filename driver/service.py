@@ -57,7 +57,7 @@ class Driver:
         self.metrics = Metrics()
         self.notifier = Notifier.from_environ(os.environ)
         self.executor = ExecutorProcess(settings.executor, settings.executor_options,
-                                        __version__)
+                                        __version__, settings.executor_spin_s)
         self.store: ResultStore | None = None
         self.parts: Parts | None = None
         self._health: HealthServer | None = None

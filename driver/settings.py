@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     batch_max_seconds: float = Field(
         0.25, gt=0, description="work per batch, by recent run times: what one crash can cost"
     )
+    executor_spin_s: float = Field(
+        0.002, ge=0, le=0.1, description="after a batch, how long the executor process polls "
+        "for the next one instead of sleeping, while jobs come back that soon (a client "
+        "sending one job at a time); 0 = never poll"
+    )
 
     # Operations
     data_dir: Path = Field(default_factory=_default_data_dir)
