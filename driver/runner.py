@@ -563,6 +563,8 @@ class JobRunner:
                                  else 0.8 * self._seconds_per_job + 0.2 * per_job)
         by_ref = {o.job_id: o for o in outcomes}  # the executor knows jobs by their ref
         answers: dict[str, list[Outcome]] = {}
+        finished: list[tuple[Entry, Outcome]] = []
+        now = time.monotonic()
         for entry in head.entries:
             self._forget(entry)
             if entry.answered:
@@ -575,11 +577,18 @@ class JobRunner:
             elif entry.ref != entry.job_id:
                 outcome = dataclasses.replace(outcome, job_id=entry.job_id)
             answers.setdefault(entry.origin, []).append(outcome)
-            log.info("job finished", job_id=entry.job_id, ok=outcome.ok,
-                     error_code=None if outcome.error is None else outcome.error.code,
-                     seconds=round(time.monotonic() - entry.received, 4))
+            finished.append((entry, outcome))
         for origin, done in answers.items():
             self._finish(origin, done)
+        # The answers are stored and their front ends woken to send them; the log lines and
+        # the status change come after those sends, on this turn of the loop.
+        asyncio.get_running_loop().call_soon(self._finished, finished, now)
+
+    def _finished(self, finished: list[tuple[Entry, Outcome]], now: float) -> None:
+        for entry, outcome in finished:
+            log.info("job finished", job_id=entry.job_id, ok=outcome.ok,
+                     error_code=None if outcome.error is None else outcome.error.code,
+                     seconds=round(now - entry.received, 4))
         self._changed(False)
 
     def _announce_running(self, entries: list[Entry]) -> None:

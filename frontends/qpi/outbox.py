@@ -34,7 +34,7 @@ from driver.outcome import Outcome
 from driver.store import ResultStore, StoreUnavailable, packed
 from frontends.qpi.nng import SocketClosed
 from frontends.qpi.session import OrchestratorSession
-from frontends.qpi.wire import Envelope, EventType, encode
+from frontends.qpi.wire import Envelope, EventType, WireFormat, encode
 
 DELIVERY_MARK_DELAY_S = 0.5  # marks ride along with the next result write, or go this late
 RETRY_STORE_S = 5.0
@@ -65,6 +65,10 @@ class Outbox:
         self._refusals: set[str] = set()  # owed transient refusals: never stored
         self._transient: deque[Envelope] = deque(maxlen=256)  # heartbeats, JobStatus
         self._delivered: list[str] = []  # handed to a pipe, not yet marked in the store
+        # Marked delivered as they were stored, to go out next (see `_goes_out_next`).
+        self._premarked: set[str] = set()
+        self._sending = False  # a connection's pump is running
+        self._room: Callable[[int], bool] = lambda n: False  # the pace allows n sends now
         self._mark_later: asyncio.TimerHandle | None = None
         self._flush = asyncio.Event()
         self.acks = False
@@ -96,6 +100,7 @@ class Outbox:
     def _sent(self, job_id: str) -> None:
         self._owed.pop(job_id, None)
         self._refusals.discard(job_id)
+        self._premarked.discard(job_id)
         self._owed_since.pop(job_id, None)
         if len(self._owed) < self._ahead <= len(self._owed) + 1:
             self.on_room()  # just stopped being backlogged
@@ -109,10 +114,13 @@ class Outbox:
 
     def finish(self, outcomes: list[Outcome]) -> None:
         """Final answers (counted by the core): made durable first, then sent."""
+        ahead = self._goes_out_next(outcomes)
         try:
-            # Delivery marks the store refused before a send ride along with the write.
-            outcomes = self._store.finish(outcomes, delivered=self._delivered)
+            # Delivery marks the store refused before a send ride along with the write, and
+            # so do the marks of these answers where they are the next to go out.
+            outcomes = self._store.finish(outcomes, delivered=[*self._delivered, *ahead])
             self._delivered.clear()
+            self._premarked.update(ahead)
         except StoreUnavailable as exc:
             log.error("results cannot be made durable; keeping them in memory and "
                       "delivering them", reason=exc.reason,
@@ -125,6 +133,16 @@ class Outbox:
             self._refusals.discard(outcome.job_id)
             self._owe(outcome)
         self._flush.set()
+
+    def _goes_out_next(self, outcomes: list[Outcome]) -> list[str]:
+        """Without acks, a result is marked delivered just before it is handed to the pipe
+        (`_mark_before_sending`). Answers that the pump sends next, on this turn of the
+        loop (connected, nothing owed or queued before them, room in the pace), are marked
+        in the write that stores them instead: one write fewer per answer."""
+        if (self.acks or not self._sending or self._owed or self._transient
+                or len(outcomes) > MARK_GROUP or not self._room(len(outcomes))):
+            return []
+        return [o.job_id for o in outcomes]
 
     def answer(self, outcome: Outcome) -> None:
         """A transient refusal (disabled, queue full; counted by the core): sent, not
@@ -180,11 +198,19 @@ class Outbox:
         """Send transient events and owed results until the connection closes, at most
         `rate` events a second (0: as fast as the connection takes them)."""
         fmt, name = session.registration.wire_format, session.registration.name
-        pace = _pacer(rate)
+        pace, self._room = _pacer(rate)
         # Results marked delivered together, then sent: what one crash can send no more.
         group = max(1, int(rate * BURST_S)) if rate > 0 else MARK_GROUP
         self._ahead = max(1.0, math.ceil(rate * SEND_AHEAD_S)) if rate > 0 else float("inf")
+        self._sending = True
         self.on_room()
+        try:
+            await self._send_all(session, fmt, name, pace, group)
+        finally:
+            self._sending = False
+
+    async def _send_all(self, session: OrchestratorSession, fmt: WireFormat, name: str,
+                        pace: Callable[[], Awaitable[None]], group: int) -> None:
         while True:
             await self._flush.wait()
             self._flush.clear()
@@ -216,7 +242,8 @@ class Outbox:
         after sending, as before, and a crash meanwhile may send them once more."""
         if self.acks:
             return False
-        stored = [j for j in job_ids if j not in self._refusals and j not in self._unstored]
+        stored = [j for j in job_ids if j not in self._refusals and j not in self._unstored
+                  and j not in self._premarked]
         if not stored:
             return True
         try:
@@ -303,13 +330,14 @@ class Outbox:
         return len(self._store.undelivered(self.acks)) + self._unsent_unstored()
 
 
-def _pacer(rate: float) -> Callable[[], Awaitable[None]]:
-    """What to await before each send to keep under `rate` events a second."""
+def _pacer(rate: float) -> tuple[Callable[[], Awaitable[None]], Callable[[int], bool]]:
+    """What to await before each send to keep under `rate` events a second, and whether
+    the pace has room for n sends now."""
     if rate <= 0:
-        return _now
+        return _now, lambda n: True
     burst = max(1.0, rate * BURST_S)
     limiter = AsyncLimiter(burst, burst / rate)
-    return limiter.acquire
+    return limiter.acquire, limiter.has_capacity
 
 
 async def _now() -> None:
