@@ -128,6 +128,74 @@ class Ceiling:
             self.proc.wait()
 
 
+# -- the transport alone: an echo driver --------------------------------------------------
+
+# What the echo answers every dispatch with: a result of the shape the node sends.
+ECHO_RESULT = {"success": True, "executor": "echo", "circuit_results": [
+    {"counts": {"00": 512, "11": 512}, "shots": 1024,
+     "header": {"name": "circuit", "memory_slots": 2}}]}
+
+
+def echo_child(host: str, in_port: int, out_port: int) -> None:
+    """Child main: dial an orchestrator's NNG pipes as the node does (TLS, its CA on
+    stdin) and answer each JobDispatch at once with ECHO_RESULT: no store, no parser, no
+    executor. One job at a time through it is the floor that the transport (NNG over
+    TLS, the codecs, an asyncio loop at each end) sets under any driver."""
+    import pynng
+
+    from frontends.qpi.nng import AsyncSocket, tls_client, url
+    from frontends.qpi.wire import decode, encode
+
+    ca_pem = json.loads(sys.stdin.readline())
+
+    async def serve() -> None:
+        pull = pynng.Pull0(tls_config=tls_client(host, ca_pem), recv_buffer_size=64)
+        push = pynng.Push0(tls_config=tls_client(host, ca_pem))
+        pull.dial(url(host, in_port, True), block=True)
+        push.dial(url(host, out_port, True), block=True)
+        inbound, outbound = AsyncSocket(pull), AsyncSocket(push)
+        while True:
+            env = decode(await inbound.recv())
+            if env.type == EventType.JOB_DISPATCH:
+                await outbound.send(encode(Envelope(
+                    EventType.JOB_RESULT, {"job_id": env.payload["job_id"],
+                                           "results": ECHO_RESULT}, driver="echo"), "msgpack"))
+
+    asyncio.run(serve())
+
+
+class Echo:
+    """An orchestrator of its own with the echo driver connected to it."""
+
+    def __init__(self) -> None:
+        self.orch = LocalOrchestrator(port=0, driver_name="echo", wire_format="msgpack")
+        self.proc: subprocess.Popen[str] | None = None
+
+    async def start(self) -> None:
+        await self.orch.start()
+        identity = self.orch.nng_identity
+        assert identity is not None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.throughput", "--echo-child", self.orch.host,
+             str(self.orch.nng_in_port), str(self.orch.nng_out_port)],
+            stdin=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(identity.ca_pem) + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not self.orch.online:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the echo driver did not connect (exit {self.proc.poll()})")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        await self.orch.stop()
+
+
 # -- the daemon side -------------------------------------------------------------------
 
 
@@ -250,15 +318,19 @@ class WindowOne:
     jobs: int
     daemon: list[tuple[float, float]] = field(default_factory=list)  # (p50, p99) per round
     bare: list[tuple[float, float]] = field(default_factory=list)
+    echo: list[tuple[float, float]] = field(default_factory=list)
 
-    async def measure(self, orch: LocalOrchestrator, ceiling: Ceiling, seeds: Iterator[int],
-                      bare_first: bool) -> None:
+    async def measure(self, orch: LocalOrchestrator, ceiling: Ceiling, echo: Echo | None,
+                      seeds: Iterator[int], bare_first: bool) -> None:
         payloads = self.shape.jobs(seeds, self.jobs)
         if bare_first:
             bare = await asyncio.to_thread(ceiling.run, payloads, True)
         _, latencies = await drive(orch, payloads, 1)
         if not bare_first:
             bare = await asyncio.to_thread(ceiling.run, payloads, True)
+        if echo is not None:
+            _, echoed = await drive(echo.orch, payloads, 1)
+            self.echo.append((statistics.median(echoed), percentile(echoed, 0.99)))
         self.daemon.append((statistics.median(latencies), percentile(latencies, 0.99)))
         self.bare.append((statistics.median(bare), percentile(bare, 0.99)))
 
@@ -273,10 +345,21 @@ class WindowOne:
         print(f"{'':<28} {'p50 ms':>8} {'p99 ms':>8}")
         print(f"{'through the daemon':<28} {d50:>8.2f} {d99:>8.2f}")
         print(f"{'bare loop (parse + Aer run)':<28} {b50:>8.2f} {b99:>8.2f}")
+        if self.echo:
+            e50 = statistics.median(r[0] for r in self.echo) * 1e3
+            e99 = statistics.median(r[1] for r in self.echo) * 1e3
+            print(f"{'transport alone (echo)':<28} {e50:>8.2f} {e99:>8.2f}")
         delta = statistics.median(deltas)
         print(f"p50 over the bare loop: {delta:+.2f} ms (rounds: "
               f"{', '.join(f'{x:+.2f}' for x in deltas)}); goal <= +{goal_ms:g} ms: "
               f"{'meets' if delta <= goal_ms else 'above'}")
+        if self.echo:
+            own = [(d[0] - b[0] - e[0]) * 1e3
+                   for d, b, e in zip(self.daemon, self.bare, self.echo, strict=True)]
+            print(f"  of which the transport alone: {e50:.2f} ms (an echo driver over the "
+                  "same TLS NNG pipes, answering at once);\n  the node's own (daemon, pipes, "
+                  f"executor process) over the bare loop: {statistics.median(own):+.2f} ms "
+                  f"(rounds: {', '.join(f'{x:+.2f}' for x in own)})")
 
 
 def node_memory(pid: int) -> tuple[float, float, int]:
@@ -368,9 +451,14 @@ async def main(args: argparse.Namespace) -> None:
         stack.callback(stop_daemon, d)
         ceiling = Ceiling()
         stack.callback(ceiling.close)
+        echo = None
+        if args.window1_jobs > 0 and not args.no_echo:
+            echo = Echo()
+            stack.push_async_callback(echo.stop)
+            await echo.start()
         await wait_online(orch, d)
         idle = None if args.no_memory else await _settled_memory(d)
-        await rounds_and_report(args, orch, ceiling, primary, secondary, seeds)
+        await rounds_and_report(args, orch, ceiling, echo, primary, secondary, seeds)
         if idle is not None:
             after = node_memory(d.proc.pid)
             done = sum(1 for job in orch.jobs.values() if job.status == "completed")
@@ -384,13 +472,15 @@ async def main(args: argparse.Namespace) -> None:
 
 
 async def rounds_and_report(args: argparse.Namespace, orch: TimedOrchestrator,
-                            ceiling: Ceiling, primary: list[Case], secondary: list[Case],
-                            seeds: Iterator[int]) -> None:
+                            ceiling: Ceiling, echo: Echo | None, primary: list[Case],
+                            secondary: list[Case], seeds: Iterator[int]) -> None:
     """Warm up, run every case in every round, print the tables and the heartbeats."""
     for case in primary:  # warm both sides: executor, codecs, store, Aer
         warm = case.shape.jobs(seeds, 2 if case.key == "random-20" else 8)
         await drive(orch, warm, min(len(warm), args.in_flight))
         await asyncio.to_thread(ceiling.run, warm[:2])
+    if echo is not None:
+        await drive(echo.orch, pick("Bell", args.shots)["Bell"].jobs(seeds, 20), 1)
     print(f"# {os.cpu_count()} cores, {args.in_flight} jobs in flight, {args.shots} shots, "
           f"wire format {args.wire_format}, daemon log level {args.log_level}, "
           f"{args.rounds} round(s); figures are medians over rounds", flush=True)
@@ -403,7 +493,7 @@ async def rounds_and_report(args: argparse.Namespace, orch: TimedOrchestrator,
                                   ceiling_first=r % 2 == 1)
         if window1 is not None:
             t0 = time.perf_counter()
-            await window1.measure(orch, ceiling, seeds, bare_first=r % 2 == 1)
+            await window1.measure(orch, ceiling, echo, seeds, bare_first=r % 2 == 1)
             took += time.perf_counter() - t0
         print(f"# round {r + 1} done in {took:.1f} s", flush=True)
     print("\njobs/s: through the daemon, first submit to last result; p50/p99: one job, "
@@ -472,6 +562,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window1-jobs", type=int, default=300,
                         help="Bell jobs per round sent one at a time (0: skip)")
     parser.add_argument("--no-memory", action="store_true", help="skip the PSS figures")
+    parser.add_argument("--no-echo", action="store_true",
+                        help="skip the transport-alone figure (an echo driver) at window 1")
+    parser.add_argument("--echo-child", nargs=3, metavar=("HOST", "IN", "OUT"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help="keep the data dir and daemon log")
     return parser.parse_args(argv)
 
@@ -480,5 +574,7 @@ if __name__ == "__main__":
     cli = parse_args()
     if cli.ceiling_child:
         ceiling_child()
+    elif cli.echo_child:
+        echo_child(cli.echo_child[0], int(cli.echo_child[1]), int(cli.echo_child[2]))
     else:
         asyncio.run(main(cli))
