@@ -11,12 +11,13 @@ first, one per job however often the job is dispatched meanwhile.
 
 Without acknowledgements a result is sent at most once on its own: it is marked
 delivered in the store just before it is handed to the pipe (a few at a time, one
-write; a result that goes out next, in the write that stores it), so neither a reconnect nor a restart after a crash sends it again. One lost
-with a connection (or a daemon) that dies in that instant is recovered by the
-orchestrator re-dispatching the job (QPI's server does so after its job timeout), which
-is answered from the store; sending it again instead would make an orchestrator that
-did get it (and charges every result it accepts) charge twice. With acknowledgements a
-result is kept, and resent after a reconnect, until its ResultAck."""
+write; a result that goes out next, in the write that stores it), so neither a
+reconnect nor a restart after a crash sends it again. One lost with a connection (or
+a daemon) that dies in that instant is recovered by the orchestrator re-dispatching
+the job (QPI's server does so after its job timeout), which is answered from the
+store; sending it again instead would make an orchestrator that did get it (and charges
+every result it accepts) charge twice. With acknowledgements a result is kept, and
+resent after a reconnect, until its ResultAck."""
 
 from __future__ import annotations
 
