@@ -2,8 +2,9 @@
 sends them), through the embedded orchestrator over TLS NNG, beside the simulator's
 ceiling measured in the same run: Aer's run time alone for the same circuits. Then one job
 at a time (what a variational loop does: submit, wait, submit) beside a bare in-process
-loop on the same texts (parse, run, next), and the PSS of all the node's processes at
-idle and after every job of the run.
+loop on the same texts (parse, run, next) and beside the transport alone (an echo driver
+answering each dispatch over the same TLS NNG pipes), and the PSS of all the node's
+processes at idle and after every job of the run.
 
 The ceiling runs in a child process of its own (as the executor does): every circuit is
 parsed first, off the clock, then each job is one `AerSimulator.run(...).result()`, in
