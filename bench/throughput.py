@@ -480,13 +480,13 @@ async def rounds_and_report(args: argparse.Namespace, orch: TimedOrchestrator,
         warm = case.shape.jobs(seeds, 2 if case.key == "random-20" else 8)
         await drive(orch, warm, min(len(warm), args.in_flight))
         await asyncio.to_thread(ceiling.run, warm[:2])
-    if echo is not None:
-        await drive(echo.orch, pick("Bell", args.shots)["Bell"].jobs(seeds, 20), 1)
     print(f"# {os.cpu_count()} cores, {args.in_flight} jobs in flight, {args.shots} shots, "
           f"wire format {args.wire_format}, daemon log level {args.log_level}, "
           f"{args.rounds} round(s); figures are medians over rounds", flush=True)
     bell = pick("Bell", args.shots)["Bell"]
     window1 = WindowOne(bell, args.window1_jobs) if args.window1_jobs > 0 else None
+    if echo is not None:  # warm the echo's side too
+        await drive(echo.orch, bell.jobs(seeds, 20), 1)
     for r in range(args.rounds):
         took = 0.0
         for case in primary + secondary:

@@ -68,8 +68,8 @@ class Outbox:
         self._delivered: list[str] = []  # handed to a pipe, not yet marked in the store
         # Marked delivered as they were stored, to go out next (see `_goes_out_next`).
         self._premarked: set[str] = set()
-        self._sending = False  # a connection's pump is running
-        self._room: Callable[[int], bool] = lambda n: False  # the pace allows n sends now
+        # While a connection's pump runs: whether its pace allows n sends now.
+        self._room: Callable[[int], bool] | None = None
         self._mark_later: asyncio.TimerHandle | None = None
         self._flush = asyncio.Event()
         self.acks = False
@@ -140,7 +140,7 @@ class Outbox:
         (`_mark_before_sending`). Answers that the pump sends next, on this turn of the
         loop (connected, nothing owed or queued before them, room in the pace), are marked
         in the write that stores them instead: one write fewer per answer."""
-        if (self.acks or not self._sending or self._owed or self._transient
+        if (self.acks or self._room is None or self._owed or self._transient
                 or len(outcomes) > MARK_GROUP or not self._room(len(outcomes))):
             return []
         return [o.job_id for o in outcomes]
@@ -199,16 +199,16 @@ class Outbox:
         """Send transient events and owed results until the connection closes, at most
         `rate` events a second (0: as fast as the connection takes them)."""
         fmt, name = session.registration.wire_format, session.registration.name
-        pace, self._room = _pacer(rate)
+        pace, room = _pacer(rate)
         # Results marked delivered together, then sent: what one crash can send no more.
         group = max(1, int(rate * BURST_S)) if rate > 0 else MARK_GROUP
         self._ahead = max(1.0, math.ceil(rate * SEND_AHEAD_S)) if rate > 0 else float("inf")
-        self._sending = True
+        self._room = room
         self.on_room()
         try:
             await self._send_all(session, fmt, name, pace, group)
         finally:
-            self._sending = False
+            self._room = None
 
     async def _send_all(self, session: OrchestratorSession, fmt: WireFormat, name: str,
                         pace: Callable[[], Awaitable[None]], group: int) -> None:
